@@ -1,0 +1,138 @@
+// cmd_pick.cpp — `gpuslot pick`: print the GPUs a request would get, and why.
+#include <cstdio>
+#include <string>
+
+#include "cli/commands.hpp"
+#include "cli/report.hpp"
+#include "gpuslot/units.hpp"
+
+namespace gpuslot::cli {
+
+void RequirementOptions::add_to(CLI::App& command) {
+  command.add_option("--mem", mem, "Memory needed on each GPU: 512M, 8G, 8GiB, 0.5G (bare number = MiB)");
+  command.add_option("--gpus", gpus, "Number of GPUs (default 1)");
+  command.add_option("--exclude", exclude, "GPUs never to use: NVML indices or UUIDs, comma-separated");
+  command.add_option("--strategy", strategy, "most-free (default), least-used, least-busy or pack");
+  command.add_option("--max-util", max_util, "Pass over GPUs busier than this utilization percent");
+  command.add_option("--device", device, "Only this device: cuda:N, GPU-<uuid>, auto or cuda");
+}
+
+Requirements RequirementOptions::to_requirements() const {
+  Requirements requirements;
+  if (!mem.empty()) requirements.memory_bytes = value_or_throw(parse_size_bytes(mem));
+  if (gpus == 0 || gpus > 1024) {
+    throw CommandError(make_error(Errc::bad_input, "invalid --gpus " + std::to_string(gpus) + ": expected 1 or more"));
+  }
+  requirements.gpu_count = gpus;
+  if (!exclude.empty()) requirements.exclude = value_or_throw(parse_exclude_list(exclude));
+  requirements.strategy = value_or_throw(parse_strategy(strategy));
+  if (max_util && *max_util > 100) {
+    throw CommandError(make_error(Errc::bad_input, "invalid --max-util " + std::to_string(*max_util) + ": expected a percent, 0 to 100"));
+  }
+  requirements.max_utilization = max_util;
+  return requirements;
+}
+
+Visibility restrict_to_device(const std::string& spec_text, const Snapshot& snapshot, Visibility visibility) {
+  if (spec_text.empty()) return visibility;
+  const DeviceSpec spec = value_or_throw(parse_device_spec(spec_text));
+  auto only = [&visibility](unsigned index) {
+    visibility.visible = {index};
+    visibility.restricted = true;
+    return visibility;
+  };
+  switch (spec.kind) {
+    case DeviceSpec::Kind::automatic:
+    case DeviceSpec::Kind::cuda_any: return visibility;
+    case DeviceSpec::Kind::cpu:
+      throw CommandError(make_error(Errc::bad_input, "--device cpu asks for no GPU; expected auto, cuda, cuda:N or GPU-<uuid>"));
+    case DeviceSpec::Kind::cuda_ordinal:
+      if (visibility.ambiguity) throw CommandError(make_error(Errc::bad_input, *visibility.ambiguity));
+      if (spec.ordinal >= visibility.visible.size()) {
+        throw CommandError(make_error(Errc::bad_input, "device cuda:" + std::to_string(spec.ordinal) + " does not exist: " +
+                                                           std::to_string(visibility.visible.size()) + " GPU" +
+                                                           (visibility.visible.size() == 1 ? " is" : "s are") +
+                                                           " visible (cuda:0 to cuda:" +
+                                                           std::to_string(visibility.visible.empty() ? 0 : visibility.visible.size() - 1) + ")"));
+      }
+      return only(visibility.visible[spec.ordinal]);
+    case DeviceSpec::Kind::uuid: {
+      const unsigned index = value_or_throw(nvml_index_of_uuid_prefix(snapshot, spec.uuid_prefix));
+      if (!visibility.is_visible(index)) {
+        throw CommandError(make_error(Errc::bad_input, "device " + spec_text + " is GPU " + std::to_string(index) +
+                                                           ", which CUDA_VISIBLE_DEVICES hides from this process"));
+      }
+      return only(index);
+    }
+  }
+  return visibility;
+}
+
+namespace {
+
+std::string shell_quote(const std::string& value) {
+  if (value.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.,:/") == std::string::npos) return value;
+  std::string quoted = "'";
+  for (char c : value) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return quoted + "'";
+}
+
+struct PickOptions {
+  RequirementOptions requirements;
+  std::string format = "index";
+  std::string hold;
+  bool explain = false;
+};
+
+void run_pick(Context& context, const PickOptions& options) {
+  const Requirements requirements = options.requirements.to_requirements();
+  if (options.format != "index" && options.format != "uuid" && options.format != "env" && options.format != "json") {
+    throw CommandError(make_error(Errc::bad_input, "invalid --format '" + options.format + "': expected index, uuid, env or json"));
+  }
+  const Snapshot snapshot = value_or_throw(context.snapshot());
+  const Visibility visibility = restrict_to_device(options.requirements.device, snapshot, context.visibility(snapshot));
+  const Decision decision = value_or_throw(select_gpus(requirements, snapshot, visibility));
+
+  if (options.explain) {
+    for (const auto& verdict : decision.verdicts) {
+      std::fprintf(stderr, "%s\n", verdict_line(snapshot.gpus[verdict.nvml_index], verdict, visibility).c_str());
+    }
+  }
+  for (const auto& warning : decision.warnings) print_warning(context, warning);
+  if (options.format == "json") {
+    std::printf("%s\n", decision_json(decision, snapshot, visibility).dump(2).c_str());
+  }
+  if (!decision.fits()) {
+    print_error(decision.summary);
+    context.exit_code = exit_code_of(Errc::nothing_fits);
+    return;
+  }
+  if (options.format == "index" || options.format == "uuid") {
+    std::string line;
+    for (unsigned index : decision.chosen) {
+      line += (line.empty() ? "" : ",") + (options.format == "index" ? std::to_string(index) : snapshot.gpus[index].uuid);
+    }
+    std::printf("%s\n", line.c_str());
+  } else if (options.format == "env") {
+    // `eval "$(gpuslot pick --format env)"`: the one function that builds a child's GPU
+    // environment, printed as shell assignments.
+    const ChildGpuEnv env = child_gpu_env(snapshot, decision.chosen, ExportFormat::index);
+    std::string line = "export";
+    for (const auto& [name, value] : env.set) line += " " + name + "=" + shell_quote(value);
+    std::printf("%s\n", line.c_str());
+  }
+}
+
+}  // namespace
+
+void add_pick(CLI::App& app, Context& context) {
+  auto options = std::make_shared<PickOptions>();
+  CLI::App* command = app.add_subcommand("pick", "Print the GPU(s) that best fit a request (exit 1 if none fits now)");
+  options->requirements.add_to(*command);
+  command->add_option("--format", options->format, "index (default), uuid, env or json");
+  command->add_option("--hold", options->hold, "Reserve the choice for this long (e.g. 60s) for a launch that follows");
+  command->add_flag("--explain", options->explain, "Print one line per GPU on stderr: taken, or why passed over");
+  command->callback([&context, options] { context.action = [&context, options] { run_pick(context, *options); }; });
+}
+
+}  // namespace gpuslot::cli

@@ -1,0 +1,133 @@
+// cmd_status.cpp — `gpuslot status`: every GPU, every process, every lease, and a
+// recommendation with the exact export line to use it.
+#include <poll.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+
+#include "cli/commands.hpp"
+#include "cli/report.hpp"
+#include "gpuslot/units.hpp"
+
+namespace gpuslot::cli {
+
+namespace {
+
+struct StatusOptions {
+  bool json = false;
+  std::optional<double> watch_seconds;
+};
+
+volatile std::sig_atomic_t g_stop = 0;
+void on_stop_signal(int) { g_stop = 1; }
+
+// The marker: green under half full, yellow under 90 %, red above, and words without colour so
+// the meaning survives NO_COLOR and pipes.
+std::string load_marker(const GpuInfo& gpu, bool color) {
+  if (!gpu.healthy) return color ? "\033[31mLOST\033[0m" : "LOST";
+  if (!gpu.memory_total_bytes || !gpu.memory_used_bytes || *gpu.memory_total_bytes == 0) return "  ? ";
+  const double ratio = double(*gpu.memory_used_bytes) / double(*gpu.memory_total_bytes);
+  const char* word = ratio < 0.5 ? "free" : ratio < 0.9 ? "busy" : "full";
+  if (!color) return word;
+  const char* code = ratio < 0.5 ? "\033[32m" : ratio < 0.9 ? "\033[33m" : "\033[31m";
+  return std::string(code) + word + "\033[0m";
+}
+
+std::string percent(const std::optional<unsigned>& value) { return value ? std::to_string(*value) + "%" : "N/A"; }
+
+void print_table(Context& context, const Snapshot& snapshot, const Visibility& visibility, const Decision& recommendation) {
+  const bool color = context.color_stdout();
+  std::printf("driver %s, CUDA %s, %zu GPU%s\n", snapshot.driver_version.value_or("N/A").c_str(),
+              snapshot.cuda_driver_version
+                  ? (std::to_string(*snapshot.cuda_driver_version / 1000) + "." + std::to_string(*snapshot.cuda_driver_version % 1000 / 10)).c_str()
+                  : "N/A",
+              snapshot.gpus.size(), snapshot.gpus.size() == 1 ? "" : "s");
+  if (visibility.note) std::printf("note: %s\n", visibility.note->c_str());
+  if (visibility.ambiguity) std::printf("note: %s\n", visibility.ambiguity->c_str());
+  std::printf("%-4s %-5s %-28s %21s %11s %11s %5s %5s %6s %s\n", "GPU", "LOAD", "NAME", "MEMORY USED / TOTAL", "FREE",
+              "AVAILABLE", "UTIL", "TEMP", "POWER", "CUDA");
+  for (const auto& gpu : snapshot.gpus) {
+    const GpuVerdict& verdict = recommendation.verdicts[gpu.nvml_index];
+    std::string cuda = "hidden";
+    if (auto ordinal = visibility.cuda_ordinal_of(gpu.nvml_index)) cuda = visibility.ambiguity ? "?" : "cuda:" + std::to_string(*ordinal);
+    std::string marker = load_marker(gpu, color);
+    const int pad = 5 - int(load_marker(gpu, false).size());  // colour codes take no columns
+    if (!gpu.healthy) {
+      std::printf("%-4u %s%*s %-28.28s unhealthy: %s\n", gpu.nvml_index, marker.c_str(), pad, "", gpu.name.c_str(),
+                  gpu.health_error.c_str());
+      continue;
+    }
+    char memory[64] = "N/A";
+    if (gpu.memory_total_bytes && gpu.memory_used_bytes) {
+      std::snprintf(memory, sizeof memory, "%.2f / %.2f GiB", double(*gpu.memory_used_bytes) / double(kGiB),
+                    double(*gpu.memory_total_bytes) / double(kGiB));
+    }
+    std::printf("%-4u %s%*s %-28.28s %21s %11s %11s %5s %5s %6s %s\n", gpu.nvml_index, marker.c_str(), pad, "",
+                gpu.name.c_str(), memory, gpu.memory_free_bytes ? format_gib(*gpu.memory_free_bytes).c_str() : "N/A",
+                verdict.available_bytes ? format_gib(*verdict.available_bytes).c_str() : "N/A",
+                percent(gpu.utilization_gpu_percent).c_str(),
+                gpu.temperature_c ? (std::to_string(*gpu.temperature_c) + "C").c_str() : "N/A",
+                gpu.power_mw ? (std::to_string(*gpu.power_mw / 1000) + "W").c_str() : "N/A", cuda.c_str());
+    for (const auto& process : gpu.processes) {
+      std::printf("       pid %-8d %-10s %11s  %s\n", int(process.pid), process.user.value_or("?").c_str(),
+                  process.used_bytes ? format_gib(*process.used_bytes).c_str() : "N/A",
+                  process.command.value_or("(not visible from here)").c_str());
+    }
+  }
+  if (recommendation.fits()) {
+    const unsigned best = recommendation.chosen.front();
+    const ChildGpuEnv env = child_gpu_env(snapshot, {best}, ExportFormat::index);
+    std::string exports;
+    for (const auto& [name, value] : env.set) {
+      if (name == "CUDA_VISIBLE_DEVICES" || name == "CUDA_DEVICE_ORDER") exports += " " + name + "=" + value;
+    }
+    std::printf("recommended: GPU %u (%s available): export%s\n", best,
+                format_gib(recommendation.verdicts[best].available_bytes.value_or(0)).c_str(), exports.c_str());
+  } else {
+    std::printf("recommended: none (%s)\n", recommendation.summary.c_str());
+  }
+}
+
+void show_once(Context& context, const StatusOptions& options) {
+  const Snapshot snapshot = value_or_throw(context.snapshot());
+  const Visibility visibility = context.visibility(snapshot);
+  const Decision recommendation = value_or_throw(select_gpus(Requirements{}, snapshot, visibility));
+  if (options.json) {
+    std::printf("%s\n", status_json(snapshot, visibility, recommendation).dump(2).c_str());
+  } else {
+    print_table(context, snapshot, visibility, recommendation);
+  }
+  std::fflush(stdout);
+}
+
+void run_status(Context& context, const StatusOptions& options) {
+  if (!options.watch_seconds) {
+    show_once(context, options);
+    return;
+  }
+  if (*options.watch_seconds < 0.1 || *options.watch_seconds > 86400) {
+    throw CommandError(make_error(Errc::bad_input, "invalid --watch " + std::to_string(*options.watch_seconds) +
+                                                       ": expected seconds between 0.1 and 86400"));
+  }
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+  while (g_stop == 0) {
+    if (context.color_stdout() && !options.json) std::printf("\033[H\033[2J");
+    show_once(context, options);
+    poll(nullptr, 0, int(*options.watch_seconds * 1000));  // interrupted at once by the signal
+  }
+}
+
+}  // namespace
+
+void add_status(CLI::App& app, Context& context) {
+  auto options = std::make_shared<StatusOptions>();
+  CLI::App* command = app.add_subcommand("status", "Show every GPU, its processes and leases, and the GPU to use now");
+  command->add_flag("--json", options->json, "Machine-readable output (stable format)");
+  command->add_option("--watch", options->watch_seconds, "Refresh every SECONDS until interrupted");
+  command->callback([&context, options] { context.action = [&context, options] { run_status(context, *options); }; });
+}
+
+}  // namespace gpuslot::cli

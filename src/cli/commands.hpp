@@ -1,0 +1,35 @@
+// cli/commands.hpp — one add_<command> per subcommand, and the requirement flags that pick, run
+// and batch share (one definition, so `--mem` means the same everywhere).
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <optional>
+#include <string>
+
+#include "cli/context.hpp"
+#include "gpuslot/policy.hpp"
+
+namespace gpuslot::cli {
+
+struct RequirementOptions {
+  std::string mem;
+  unsigned gpus = 1;
+  std::string exclude;
+  std::string strategy = "most-free";
+  std::optional<unsigned> max_util;
+  std::string device;  // restrict to one device spec (cuda:N, GPU-…)
+
+  void add_to(CLI::App& command);
+  // Validates the flags (Errc::bad_input with the flag named) into Requirements.
+  Requirements to_requirements() const;
+};
+
+void add_status(CLI::App& app, Context& context);
+void add_pick(CLI::App& app, Context& context);
+void add_device(CLI::App& app, Context& context);
+
+// Restricts `visibility` to the GPU a --device spec names (cuda:N or GPU-…); `auto`/`cuda` leave
+// it as is; `cpu` is refused for commands that need a GPU.
+Visibility restrict_to_device(const std::string& spec, const Snapshot& snapshot, Visibility visibility);
+
+}  // namespace gpuslot::cli

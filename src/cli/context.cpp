@@ -1,0 +1,91 @@
+#include "cli/context.hpp"
+
+#include <unistd.h>
+
+#include <climits>
+#include <cstdlib>
+#include <filesystem>
+
+namespace gpuslot::cli {
+
+namespace {
+
+bool want_color(int fd) {
+  const char* no_color = std::getenv("NO_COLOR");
+  if (no_color != nullptr && *no_color != '\0') return false;  // https://no-color.org
+  const char* term = std::getenv("TERM");
+  if (term != nullptr && std::string_view(term) == "dumb") return false;
+  return isatty(fd) == 1;
+}
+
+std::string executable_dir(const char* argv0) {
+  char buffer[PATH_MAX];
+  const ssize_t length = readlink("/proc/self/exe", buffer, sizeof buffer - 1);
+  if (length > 0) {
+    buffer[length] = '\0';
+    return std::filesystem::path(buffer).parent_path().string();
+  }
+  return std::filesystem::absolute(argv0).parent_path().string();
+}
+
+}  // namespace
+
+void Context::prepare(const char* argv0) {
+  exe_dir_ = executable_dir(argv0);
+  color_stdout_ = want_color(STDOUT_FILENO);
+  color_stderr_ = want_color(STDERR_FILENO);
+  if (options.simulate.empty()) return;
+
+  std::error_code ignored;
+  if (!std::filesystem::is_regular_file(options.simulate, ignored)) {
+    throw CommandError(make_error(Errc::bad_input, "--simulate: host file '" + options.simulate +
+                                                       "' does not exist; expected a host JSON such as examples/hosts/8x4090.json"));
+  }
+  const std::string host = std::filesystem::absolute(options.simulate).string();
+  // The environment of *this* process is ours to set here: nothing has started a thread or
+  // loaded NVML yet. Children (run, batch) inherit the host so fake jobs see the same GPUs.
+  setenv("GPUSLOT_FAKE_NVML_HOST", host.c_str(), 1);
+  nvml_path_ = bundled_fake_nvml();
+  setenv("GPUSLOT_NVML_LIBRARY", nvml_path_.c_str(), 1);
+  if (std::getenv("GPUSLOT_STATE_DIR") == nullptr) {
+    // A dry run must not reserve real GPUs' room: simulated leases live apart.
+    const char* tmp = std::getenv("TMPDIR");
+    const std::string dir = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/gpuslot-simulated";
+    setenv("GPUSLOT_STATE_DIR", dir.c_str(), 1);
+  }
+}
+
+std::string Context::bundled_fake_nvml() const {
+  return (std::filesystem::path(exe_dir_) / ".." / "libexec" / "gpuslot" / "libnvidia-ml.so.1").lexically_normal().string();
+}
+
+Result<std::shared_ptr<NvmlLibrary>> Context::nvml() {
+  if (nvml_) return nvml_;
+  if (nvml_error_) return *nvml_error_;
+  auto library = NvmlLibrary::open(nvml_path_);
+  if (!library) {
+    nvml_error_ = library.error();
+    return library.error();
+  }
+  nvml_ = *library;
+  return nvml_;
+}
+
+Result<Snapshot> Context::snapshot(bool with_processes) {
+  auto library = nvml();
+  if (!library) return library.error();
+  return take_snapshot(**library, with_processes);
+}
+
+Visibility Context::visibility(const Snapshot& snapshot) const {
+  return resolve_visibility(snapshot, visibility_env_from_process());
+}
+
+void print_error(const std::string& message) { std::fprintf(stderr, "gpuslot: %s\n", message.c_str()); }
+
+void print_warning(const Context& context, const std::string& message) {
+  if (context.color_stderr()) std::fprintf(stderr, "\033[33mgpuslot: warning:\033[0m %s\n", message.c_str());
+  else std::fprintf(stderr, "gpuslot: warning: %s\n", message.c_str());
+}
+
+}  // namespace gpuslot::cli

@@ -1,0 +1,60 @@
+// cli/context.hpp — what every command shares: global options, the NVML library (opened at most
+// once), the snapshot (taken at most once per decision), and how to print.
+#pragma once
+
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "gpuslot/inventory.hpp"
+#include "gpuslot/nvml.hpp"
+#include "gpuslot/policy.hpp"
+#include "gpuslot/visibility.hpp"
+
+namespace gpuslot::cli {
+
+struct GlobalOptions {
+  std::string simulate;  // --simulate HOST.json: use the bundled fake NVML with this host
+};
+
+class Context {
+ public:
+  GlobalOptions options;
+  int exit_code = 0;
+  std::function<void()> action;  // set by the chosen subcommand's parse callback
+
+  // Applies --simulate (points the fake NVML at the host file, picks the bundled library and a
+  // private default state directory). Call once, after parsing, before anything else.
+  void prepare(const char* argv0);
+
+  // NVML, opened once; Errc::nvml_unavailable when there is no driver.
+  Result<std::shared_ptr<NvmlLibrary>> nvml();
+
+  // A fresh Snapshot (one NVML pass).
+  Result<Snapshot> snapshot(bool with_processes = true);
+
+  // Visibility of this process's environment on `snapshot`.
+  Visibility visibility(const Snapshot& snapshot) const;
+
+  bool color_stdout() const { return color_stdout_; }
+  bool color_stderr() const { return color_stderr_; }
+
+  // Path of the bundled fake NVML next to this binary (for --simulate).
+  std::string bundled_fake_nvml() const;
+
+ private:
+  std::string nvml_path_;
+  std::string exe_dir_;
+  std::shared_ptr<NvmlLibrary> nvml_;
+  std::optional<Error> nvml_error_;
+  bool color_stdout_ = false;
+  bool color_stderr_ = false;
+};
+
+// Prints "gpuslot: <message>" on stderr (one line).
+void print_error(const std::string& message);
+void print_warning(const Context& context, const std::string& message);
+
+}  // namespace gpuslot::cli

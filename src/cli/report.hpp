@@ -1,0 +1,31 @@
+// cli/report.hpp — how snapshots and decisions are shown: the status JSON (a stable interface,
+// DESIGN.md "status --json"), the per-GPU memory line, and the --explain lines.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+#include "gpuslot/inventory.hpp"
+#include "gpuslot/policy.hpp"
+#include "gpuslot/visibility.hpp"
+
+namespace gpuslot::cli {
+
+// `status --json`: driver_version, gpus[] (index, uuid, name, pci_bus_id, memory{total, used,
+// free, reserved, available}, utilization{gpu, memory}, temperature_c, power_mw, healthy,
+// visible, cuda_ordinal, processes[], leases[]), recommended. Unknown values are null.
+// `leases_by_gpu`, when given, is spliced in per NVML index (the lease layer owns its format).
+nlohmann::json status_json(const Snapshot& snapshot, const Visibility& visibility, const Decision& recommendation,
+                           const nlohmann::json& leases_by_gpu = nlohmann::json::object());
+
+// "GPU 1 (NVIDIA GeForce RTX 4090): total 23.99 GiB, used 0.23 GiB, free 23.76 GiB"
+std::string memory_line(const GpuInfo& gpu);
+
+// "GPU 0 (NVIDIA GeForce RTX 4090): too little memory: 2.76 GiB available, 8 GiB requested"
+std::string verdict_line(const GpuInfo& gpu, const GpuVerdict& verdict, const Visibility& visibility);
+
+// The decision as JSON (pick --format json).
+nlohmann::json decision_json(const Decision& decision, const Snapshot& snapshot, const Visibility& visibility);
+
+}  // namespace gpuslot::cli

@@ -1,0 +1,149 @@
+// wait_queue.cpp — `run --wait`: wait FIFO-fair for room, woken by releases, not by a slow poll.
+//
+// Each waiter holds a ticket file (wait-<ns>-<pid>.ticket) flock'ed for as long as it waits, so
+// a waiter that dies leaves the queue at once, like a lease. Tickets are named by the time they
+// were taken under the host lock, so names sort in arrival order; only the first live ticket may
+// reserve (no launch overtakes an earlier one, so a big request is never starved by small ones).
+// Waiters sleep on inotify events of the state directory — a lease released or a ticket gone is
+// a file removed — and at the latest every kPollInterval, since memory freed by processes
+// outside gpuslot produces no file event.
+#include <dirent.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/file.h>
+#include <sys/inotify.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <ctime>
+
+#include "lease/internal.hpp"
+
+namespace gpuslot {
+
+using namespace lease_internal;
+
+namespace {
+
+constexpr auto kPollInterval = std::chrono::milliseconds(250);
+
+struct Ticket {
+  std::string name;
+  int fd = -1;
+  ~Ticket() {
+    if (fd >= 0) {
+      ::unlink(name.c_str());
+      ::close(fd);
+    }
+  }
+};
+
+// Live tickets in arrival order (full paths); dead ones are removed where this user may.
+std::vector<std::string> live_tickets(const std::string& directory) {
+  std::vector<std::string> tickets;
+  DIR* dir = ::opendir(directory.c_str());
+  if (dir == nullptr) return tickets;
+  while (const dirent* entry = ::readdir(dir)) {
+    const std::string name = entry->d_name;
+    if (name.rfind("wait-", 0) != 0) continue;
+    const std::string path = directory + "/" + name;
+    const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) continue;
+    const bool live = is_locked_by_someone(fd);
+    ::close(fd);
+    if (live) tickets.push_back(path);
+    else ::unlink(path.c_str());
+  }
+  ::closedir(dir);
+  std::sort(tickets.begin(), tickets.end());
+  return tickets;
+}
+
+Result<void> take_ticket(const std::string& directory, Ticket& ticket) {
+  timespec now{};
+  ::clock_gettime(CLOCK_REALTIME, &now);
+  char name[96];
+  std::snprintf(name, sizeof name, "/wait-%020lld-%010d.ticket", (long long)now.tv_sec * 1000000000LL + now.tv_nsec, int(::getpid()));
+  ticket.name = directory + name;
+  const int fd = ::open(ticket.name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+  if (fd < 0 || ::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const std::string why = std::strerror(errno);
+    if (fd >= 0) ::close(fd);
+    ::unlink(ticket.name.c_str());
+    return make_error(Errc::state, "cannot queue in " + directory + ": " + why);
+  }
+  ::fchmod(fd, 0644);
+  ticket.fd = fd;
+  return {};
+}
+
+}  // namespace
+
+Result<Reservation> Ledger::reserve_waiting(const ReserveRequest& request, const SnapshotSource& snapshot_source,
+                                            const VisibilityOf& visibility_of,
+                                            std::optional<std::chrono::milliseconds> timeout,
+                                            const std::function<void(const std::string&)>& on_pending,
+                                            std::vector<std::string>* warnings) {
+  // A plain time_point plus a flag: std::optional<time_point> trips GCC 12's maybe-uninitialized.
+  const bool has_deadline = timeout.has_value();
+  const auto deadline = std::chrono::steady_clock::now() + timeout.value_or(std::chrono::milliseconds(0));
+  // Watch before the first attempt, so a release between the attempt and the sleep is not missed.
+  const int watch = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+  if (watch >= 0) ::inotify_add_watch(watch, directory_.c_str(), IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO);
+  struct CloseWatch {
+    int fd;
+    ~CloseWatch() { if (fd >= 0) ::close(fd); }
+  } close_watch{watch};
+
+  Ticket ticket;
+  bool announced = false;
+  for (;;) {
+    std::string pending;
+    {
+      auto lock = HostLock::acquire(directory_);
+      if (!lock) return lock.error();
+      const std::vector<std::string> tickets = live_tickets(directory_);
+      const auto ahead = static_cast<std::size_t>(
+          ticket.fd < 0 ? tickets.size() : std::find(tickets.begin(), tickets.end(), ticket.name) - tickets.begin());
+      if (ahead == 0 || !announced) {
+        auto attempt = reserve_locked(*this, request, snapshot_source, visibility_of, /*take=*/ahead == 0, warnings);
+        if (!attempt) return attempt;
+        if (attempt->lease || attempt->decision.impossible) return attempt;  // got it, or waiting cannot help
+        pending = attempt->decision.summary;
+      }
+      if (ahead > 0) {
+        if (!pending.empty()) pending += "; ";
+        pending += std::to_string(ahead) + (ahead == 1 ? " launch" : " launches") + " ahead";
+      }
+      if (ticket.fd < 0) {
+        if (auto taken = take_ticket(directory_, ticket); !taken) return taken.error();
+      }
+    }
+    if (!announced) {
+      on_pending(pending);
+      announced = true;
+    }
+    auto wait_for = kPollInterval;
+    if (has_deadline) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) {
+        return make_error(Errc::timeout, "timed out waiting for room: " + (pending.empty() ? std::string("still queued") : pending));
+      }
+      wait_for = std::min(wait_for, left);
+    }
+    if (watch >= 0) {
+      pollfd descriptor{watch, POLLIN, 0};
+      ::poll(&descriptor, 1, int(wait_for.count()));
+      char buffer[4096];
+      while (::read(watch, buffer, sizeof buffer) > 0) {
+      }
+    } else {
+      ::poll(nullptr, 0, int(wait_for.count()));
+    }
+  }
+}
+
+}  // namespace gpuslot

@@ -1,0 +1,95 @@
+// device_spec.cpp — the device settings services write (`…_DEVICE=auto|cuda|cuda:N|cpu|GPU-<uuid>`)
+// and the lookup of a GPU by UUID prefix.
+//
+// The accepted set is deliberately small and closed: a service's config that says `gpu`, `0` or
+// `cuda: 1` is a typo we report with the accepted forms, not a guess we make. Keywords ignore
+// case and surrounding white space, because those come from shell variables and YAML files.
+#include <limits>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "gpuslot/visibility.hpp"
+#include "visibility/matching.hpp"
+
+namespace gpuslot {
+namespace {
+
+using namespace visibility_detail;
+
+bool is_uuid_char(char c) {
+  const char lower = lower_ascii(c);
+  return is_ascii_digit(c) || (lower >= 'a' && lower <= 'f') || c == '-';
+}
+
+// Decimal digits only, no sign, no white space, within `unsigned`.
+std::optional<unsigned> parse_ordinal(std::string_view digits) {
+  if (digits.empty()) return std::nullopt;
+  unsigned long long value = 0;
+  for (char c : digits) {
+    if (!is_ascii_digit(c)) return std::nullopt;
+    value = value * 10 + static_cast<unsigned long long>(c - '0');
+    if (value > std::numeric_limits<unsigned>::max()) return std::nullopt;
+  }
+  return static_cast<unsigned>(value);
+}
+
+}  // namespace
+
+Result<DeviceSpec> parse_device_spec(std::string_view text) {
+  const std::string_view trimmed = trim_c_space(text);
+  const std::string folded = lower_ascii(trimmed);
+  DeviceSpec spec;
+  if (folded == "auto") {
+    spec.kind = DeviceSpec::Kind::automatic;
+    return spec;
+  }
+  if (folded == "cuda") {
+    spec.kind = DeviceSpec::Kind::cuda_any;
+    return spec;
+  }
+  if (folded == "cpu") {
+    spec.kind = DeviceSpec::Kind::cpu;
+    return spec;
+  }
+  if (folded.starts_with("cuda:")) {
+    if (const std::optional<unsigned> ordinal = parse_ordinal(std::string_view(folded).substr(5))) {
+      spec.kind = DeviceSpec::Kind::cuda_ordinal;
+      spec.ordinal = *ordinal;
+      return spec;
+    }
+  } else if (folded.starts_with("gpu-") && folded.size() > 4) {
+    const std::string_view rest = std::string_view(folded).substr(4);
+    bool all_uuid_chars = true;
+    for (char c : rest) all_uuid_chars = all_uuid_chars && is_uuid_char(c);
+    if (all_uuid_chars) {
+      spec.kind = DeviceSpec::Kind::uuid;
+      spec.uuid_prefix = "GPU-" + std::string(rest);  // NVML's spelling: "GPU-" + lower-case hex
+      return spec;
+    }
+  }
+  return make_error(Errc::bad_input,
+                    "invalid device " + quoted(text) + ": expected auto, cuda, cuda:N, cpu or GPU-<uuid>");
+}
+
+Result<unsigned> nvml_index_of_uuid_prefix(const Snapshot& snapshot, std::string_view prefix) {
+  const std::string_view trimmed = trim_c_space(prefix);
+  if (trimmed.empty()) return make_error(Errc::bad_input, "empty GPU UUID: expected GPU-<uuid>");
+  const std::vector<std::size_t> matches = gpus_with_uuid_prefix(snapshot, trimmed);
+  if (matches.empty()) {
+    return make_error(Errc::bad_input, "no GPU has a UUID starting with " + quoted(trimmed));
+  }
+  if (matches.size() > 1) {
+    std::string which;
+    for (std::size_t position : matches) {
+      if (!which.empty()) which += ", ";
+      which += "GPU " + std::to_string(snapshot.gpus[position].nvml_index);
+    }
+    return make_error(Errc::bad_input, quoted(trimmed) + " matches " + std::to_string(matches.size()) + " GPUs (" +
+                                           which + "); give more of the UUID");
+  }
+  return snapshot.gpus[matches.front()].nvml_index;
+}
+
+}  // namespace gpuslot
