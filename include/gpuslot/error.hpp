@@ -9,6 +9,7 @@
 #include <cassert>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <variant>
 
@@ -75,6 +76,10 @@ class [[nodiscard]] Result<void> {
   Error error_;
   bool ok_ = true;
 };
+
+// Text a user gave, quoted for a one-line message: '…', control and non-ASCII bytes as \xNN,
+// cut after 64 characters, so no input can break or flood the one-line error promise.
+std::string quote_for_message(std::string_view text);
 
 inline Error make_error(Errc code, std::string message) { return Error{code, std::move(message)}; }
 

@@ -58,7 +58,7 @@ void run_device(Context& context, const DeviceOptions& options) {
     std::printf("cpu\n");
     return;
   }
-  auto snapshot_result = context.snapshot(false);
+  auto snapshot_result = context.snapshot();
   if (!snapshot_result) {
     if (spec.kind == DeviceSpec::Kind::automatic && snapshot_result.error().code == Errc::nvml_unavailable) {
       say("no NVIDIA driver: " + snapshot_result.error().message);
@@ -87,7 +87,7 @@ void run_device(Context& context, const DeviceOptions& options) {
   const std::string restriction =
       spec.kind == DeviceSpec::Kind::cuda_ordinal || spec.kind == DeviceSpec::Kind::uuid ? spec_text : std::string();
   visibility = restrict_to_device(restriction, snapshot, visibility);
-  const Decision decision = value_or_throw(select_gpus(requirements, snapshot, visibility));
+  const Decision decision = value_or_throw(select_gpus(requirements, snapshot, visibility, context.reservations(snapshot)));
   for (const auto& warning : decision.warnings) print_warning(context, warning);
   if (!decision.fits()) {
     for (unsigned index : visibility.visible) {

@@ -1,4 +1,6 @@
 // cmd_pick.cpp — `gpuslot pick`: print the GPUs a request would get, and why.
+#include <unistd.h>
+
 #include <cstdio>
 #include <string>
 
@@ -89,9 +91,33 @@ void run_pick(Context& context, const PickOptions& options) {
   if (options.format != "index" && options.format != "uuid" && options.format != "env" && options.format != "json") {
     throw CommandError(make_error(Errc::bad_input, "invalid --format '" + options.format + "': expected index, uuid, env or json"));
   }
-  const Snapshot snapshot = value_or_throw(context.snapshot());
+  Snapshot snapshot;
+  Decision decision;
+  if (options.hold.empty()) {
+    snapshot = value_or_throw(context.snapshot());
+    decision = value_or_throw(select_gpus(requirements, snapshot,
+                                          restrict_to_device(options.requirements.device, snapshot, context.visibility(snapshot)),
+                                          context.reservations(snapshot)));
+  } else {
+    // --hold: select and reserve atomically, for a launch the calling shell makes next. The lease
+    // lives by its expiry (this process exits at once) and ends early once the memory shows up
+    // in the calling shell's process tree.
+    ReserveRequest request;
+    request.requirements = requirements;
+    request.hold = value_or_throw(parse_duration(options.hold));
+    request.owner_pid = ::getppid();
+    request.command = "pick --hold " + options.hold;
+    Ledger* ledger = value_or_throw(context.ledger());
+    std::vector<std::string> warnings;
+    Reservation reservation = value_or_throw(ledger->reserve(
+        request, [&context] { return context.snapshot(); },
+        [&](const Snapshot& s) { return restrict_to_device(options.requirements.device, s, context.visibility(s)); }, &warnings));
+    for (const auto& warning : warnings) print_warning(context, warning);
+    snapshot = std::move(reservation.snapshot);
+    decision = std::move(reservation.decision);
+    if (reservation.lease) std::fprintf(stderr, "gpuslot: holding lease %s for %s\n", reservation.lease->record().id.c_str(), options.hold.c_str());
+  }
   const Visibility visibility = restrict_to_device(options.requirements.device, snapshot, context.visibility(snapshot));
-  const Decision decision = value_or_throw(select_gpus(requirements, snapshot, visibility));
 
   if (options.explain) {
     for (const auto& verdict : decision.verdicts) {

@@ -37,7 +37,8 @@ std::string load_marker(const GpuInfo& gpu, bool color) {
 
 std::string percent(const std::optional<unsigned>& value) { return value ? std::to_string(*value) + "%" : "N/A"; }
 
-void print_table(Context& context, const Snapshot& snapshot, const Visibility& visibility, const Decision& recommendation) {
+void print_table(Context& context, const Snapshot& snapshot, const Visibility& visibility, const Decision& recommendation,
+                 const std::vector<LeaseRecord>& leases) {
   const bool color = context.color_stdout();
   std::printf("driver %s, CUDA %s, %zu GPU%s\n", snapshot.driver_version.value_or("N/A").c_str(),
               snapshot.cuda_driver_version
@@ -76,6 +77,10 @@ void print_table(Context& context, const Snapshot& snapshot, const Visibility& v
                   process.command.value_or("(not visible from here)").c_str());
     }
   }
+  if (!leases.empty()) {
+    std::printf("leases:\n");
+    print_lease_table(leases, &snapshot);
+  }
   if (recommendation.fits()) {
     const unsigned best = recommendation.chosen.front();
     const ChildGpuEnv env = child_gpu_env(snapshot, {best}, ExportFormat::index);
@@ -93,11 +98,13 @@ void print_table(Context& context, const Snapshot& snapshot, const Visibility& v
 void show_once(Context& context, const StatusOptions& options) {
   const Snapshot snapshot = value_or_throw(context.snapshot());
   const Visibility visibility = context.visibility(snapshot);
-  const Decision recommendation = value_or_throw(select_gpus(Requirements{}, snapshot, visibility));
+  std::vector<LeaseRecord> leases;
+  const OutstandingReservations reserved = context.reservations(snapshot, &leases);
+  const Decision recommendation = value_or_throw(select_gpus(Requirements{}, snapshot, visibility, reserved));
   if (options.json) {
-    std::printf("%s\n", status_json(snapshot, visibility, recommendation).dump(2).c_str());
+    std::printf("%s\n", status_json(snapshot, visibility, recommendation, leases_by_gpu(leases, snapshot)).dump(2).c_str());
   } else {
-    print_table(context, snapshot, visibility, recommendation);
+    print_table(context, snapshot, visibility, recommendation, leases);
   }
   std::fflush(stdout);
 }

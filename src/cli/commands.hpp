@@ -27,6 +27,8 @@ struct RequirementOptions {
 void add_status(CLI::App& app, Context& context);
 void add_pick(CLI::App& app, Context& context);
 void add_device(CLI::App& app, Context& context);
+void add_run(CLI::App& app, Context& context);
+void add_leases(CLI::App& app, Context& context);
 
 // Restricts `visibility` to the GPU a --device spec names (cuda:N or GPU-…); `auto`/`cuda` leave
 // it as is; `cpu` is refused for commands that need a GPU.

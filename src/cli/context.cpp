@@ -77,6 +77,32 @@ Result<Snapshot> Context::snapshot(bool with_processes) {
   return take_snapshot(**library, with_processes);
 }
 
+Result<Ledger*> Context::ledger() {
+  if (ledger_) return &*ledger_;
+  if (ledger_error_) return *ledger_error_;
+  auto directory = open_state_directory();
+  if (!directory) {
+    ledger_error_ = directory.error();
+    return directory.error();
+  }
+  ledger_.emplace(*directory);
+  return &*ledger_;
+}
+
+OutstandingReservations Context::reservations(const Snapshot& snapshot, std::vector<LeaseRecord>* leases_out) {
+  auto opened = ledger();
+  if (!opened) {
+    print_warning(*this, "leases not counted: " + opened.error().message);
+    return {};
+  }
+  std::vector<std::string> warnings;
+  std::vector<LeaseRecord> leases = (*opened)->live_leases(&warnings);
+  for (const auto& warning : warnings) print_warning(*this, warning);
+  OutstandingReservations outstanding = Ledger::outstanding(leases, snapshot);
+  if (leases_out != nullptr) *leases_out = std::move(leases);
+  return outstanding;
+}
+
 Visibility Context::visibility(const Snapshot& snapshot) const {
   return resolve_visibility(snapshot, visibility_env_from_process());
 }

@@ -7,8 +7,10 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "gpuslot/inventory.hpp"
+#include "gpuslot/lease.hpp"
 #include "gpuslot/nvml.hpp"
 #include "gpuslot/policy.hpp"
 #include "gpuslot/visibility.hpp"
@@ -24,6 +26,7 @@ class Context {
   GlobalOptions options;
   int exit_code = 0;
   std::function<void()> action;  // set by the chosen subcommand's parse callback
+  std::vector<std::string> command;  // `run … -- CMD ARGS`: CMD ARGS, split off before parsing
 
   // Applies --simulate (points the fake NVML at the host file, picks the bundled library and a
   // private default state directory). Call once, after parsing, before anything else.
@@ -38,6 +41,13 @@ class Context {
   // Visibility of this process's environment on `snapshot`.
   Visibility visibility(const Snapshot& snapshot) const;
 
+  // The host's lease ledger (state directory opened and checked once). Errc::state if unusable.
+  Result<Ledger*> ledger();
+
+  // Live leases and what they still hold back on each GPU of `snapshot`. An unusable state
+  // directory is reported as a warning here: showing GPUs must not depend on it.
+  OutstandingReservations reservations(const Snapshot& snapshot, std::vector<LeaseRecord>* leases = nullptr);
+
   bool color_stdout() const { return color_stdout_; }
   bool color_stderr() const { return color_stderr_; }
 
@@ -48,6 +58,8 @@ class Context {
   std::string nvml_path_;
   std::string exe_dir_;
   std::shared_ptr<NvmlLibrary> nvml_;
+  std::optional<Ledger> ledger_;
+  std::optional<Error> ledger_error_;
   std::optional<Error> nvml_error_;
   bool color_stdout_ = false;
   bool color_stderr_ = false;

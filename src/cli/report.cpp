@@ -1,5 +1,8 @@
 #include "cli/report.hpp"
 
+#include <chrono>
+#include <cstdio>
+
 #include "gpuslot/units.hpp"
 
 namespace gpuslot::cli {
@@ -98,6 +101,63 @@ nlohmann::json decision_json(const Decision& decision, const Snapshot& snapshot,
   }
   return {{"chosen", std::move(chosen)}, {"verdicts", std::move(verdicts)}, {"summary", decision.summary},
           {"warnings", decision.warnings}, {"fits", decision.fits()}};
+}
+
+namespace {
+
+std::int64_t unix_ms_now() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+std::string age_text(std::int64_t since_ms) {
+  const std::int64_t seconds = std::max<std::int64_t>(0, (unix_ms_now() - since_ms) / 1000);
+  if (seconds < 120) return std::to_string(seconds) + "s";
+  if (seconds < 7200) return std::to_string(seconds / 60) + "m";
+  return std::to_string(seconds / 3600) + "h";
+}
+
+}  // namespace
+
+nlohmann::json lease_json(const LeaseRecord& lease) {
+  return {{"id", lease.id},
+          {"user", lease.user},
+          {"uid", lease.uid},
+          {"pid", lease.holder_pid},
+          {"gpu_uuids", lease.gpu_uuids},
+          {"gpus", lease.nvml_indices},
+          {"reserved", lease.reserved_bytes},
+          {"in_use", lease.in_use_bytes},
+          {"command", lease.command},
+          {"taken_at_ms", lease.taken_at_ms},
+          {"age_seconds", std::max<std::int64_t>(0, (unix_ms_now() - lease.taken_at_ms) / 1000)},
+          {"expires_at_ms", lease.expires_at_ms ? nlohmann::json(*lease.expires_at_ms) : nlohmann::json(nullptr)}};
+}
+
+nlohmann::json leases_by_gpu(const std::vector<LeaseRecord>& leases, const Snapshot& snapshot) {
+  nlohmann::json by_gpu = nlohmann::json::object();
+  for (const auto& lease : leases) {
+    for (const auto& uuid : lease.gpu_uuids) {
+      if (const GpuInfo* gpu = snapshot.find_uuid(uuid)) by_gpu[std::to_string(gpu->nvml_index)].push_back(lease_json(lease));
+    }
+  }
+  return by_gpu;
+}
+
+void print_lease_table(const std::vector<LeaseRecord>& leases, const Snapshot* snapshot) {
+  std::printf("  %-18s %-10s %8s %-6s %10s %10s %6s %s\n", "ID", "USER", "PID", "GPU", "RESERVED", "IN USE", "AGE", "COMMAND");
+  for (const auto& lease : leases) {
+    std::string gpus;
+    for (std::size_t i = 0; i < lease.gpu_uuids.size(); ++i) {
+      const GpuInfo* gpu = snapshot != nullptr ? snapshot->find_uuid(lease.gpu_uuids[i]) : nullptr;
+      gpus += (gpus.empty() ? "" : ",") +
+              (gpu != nullptr ? std::to_string(gpu->nvml_index) : (i < lease.nvml_indices.size() ? std::to_string(lease.nvml_indices[i]) : "?"));
+    }
+    std::string age = age_text(lease.taken_at_ms);
+    if (lease.expires_at_ms) age += "*";  // held by `pick --hold` until its expiry
+    std::printf("  %-18s %-10s %8d %-6s %10s %10s %6s %s\n", lease.id.c_str(), lease.user.c_str(), int(lease.holder_pid),
+                gpus.c_str(), format_size(lease.reserved_bytes).c_str(),
+                snapshot != nullptr ? format_size(lease.in_use_bytes).c_str() : "?", age.c_str(), lease.command.c_str());
+  }
 }
 
 }  // namespace gpuslot::cli

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "gpuslot/inventory.hpp"
+#include "gpuslot/lease.hpp"
 #include "gpuslot/policy.hpp"
 #include "gpuslot/visibility.hpp"
 
@@ -27,5 +28,14 @@ std::string verdict_line(const GpuInfo& gpu, const GpuVerdict& verdict, const Vi
 
 // The decision as JSON (pick --format json).
 nlohmann::json decision_json(const Decision& decision, const Snapshot& snapshot, const Visibility& visibility);
+
+// One lease as JSON (leases --json, and inside status --json per GPU).
+nlohmann::json lease_json(const LeaseRecord& lease);
+
+// {"<nvml index>": [lease, …]} for status_json.
+nlohmann::json leases_by_gpu(const std::vector<LeaseRecord>& leases, const Snapshot& snapshot);
+
+// The human lease table: ID, USER, PID, GPU, RESERVED, IN USE, AGE, COMMAND.
+void print_lease_table(const std::vector<LeaseRecord>& leases, const Snapshot* snapshot);
 
 }  // namespace gpuslot::cli

@@ -40,10 +40,10 @@ bool split_number(const std::string& text, double& number, std::string& suffix) 
 }  // namespace
 
 Result<std::uint64_t> parse_size_bytes(std::string_view text) {
-  const std::string shown(text);
+  const std::string shown = quote_for_message(text);
   auto bad = [&shown]() {
-    return make_error(Errc::bad_input, "invalid size '" + shown +
-                                           "': expected a number with an optional unit, like 512M, 8G, 8GiB, "
+    return make_error(Errc::bad_input, "invalid size " + shown +
+                                           ": expected a number with an optional unit, like 512M, 8G, 8GiB, "
                                            "0.5G or 1T (binary units; a bare number is MiB)");
   };
   double number = 0;
@@ -59,13 +59,13 @@ Result<std::uint64_t> parse_size_bytes(std::string_view text) {
   const double bytes = number * multiplier;
   constexpr double kLimit = 1024.0 * 1024 * 1024 * 1024 * 1024;  // 1 PiB: more than any GPU
   if (bytes > kLimit) {
-    return make_error(Errc::bad_input, "size '" + shown + "' is larger than 1 PiB; no GPU has that much memory");
+    return make_error(Errc::bad_input, "size " + shown + " is larger than 1 PiB; no GPU has that much memory");
   }
   return static_cast<std::uint64_t>(std::llround(bytes));
 }
 
 Result<std::chrono::milliseconds> parse_duration(std::string_view text) {
-  const std::string shown(text);
+  const std::string shown = quote_for_message(text);
   double number = 0;
   std::string suffix;
   double unit_ms = 0;
@@ -78,8 +78,8 @@ Result<std::chrono::milliseconds> parse_duration(std::string_view text) {
   }
   const double ms = number * unit_ms;
   if (unit_ms == 0 || ms > 1e12) {
-    return make_error(Errc::bad_input, "invalid duration '" + shown +
-                                           "': expected a number of seconds or a number with a unit, like "
+    return make_error(Errc::bad_input, "invalid duration " + shown +
+                                           ": expected a number of seconds or a number with a unit, like "
                                            "90, 1.5s, 250ms, 10m, 2h or 1d");
   }
   return std::chrono::milliseconds(static_cast<long long>(std::llround(ms)));

@@ -18,8 +18,8 @@ Result<Strategy> parse_strategy(std::string_view text) {
   if (text == "least-used") return Strategy::least_used;
   if (text == "least-busy") return Strategy::least_busy;
   if (text == "pack") return Strategy::pack;
-  return make_error(Errc::bad_input, "invalid strategy '" + std::string(text) +
-                                         "': expected most-free, least-used, least-busy or pack");
+  return make_error(Errc::bad_input, "invalid strategy " + quote_for_message(text) +
+                                         ": expected most-free, least-used, least-busy or pack");
 }
 
 const char* strategy_name(Strategy strategy) noexcept {
@@ -46,8 +46,8 @@ Result<std::vector<std::string>> parse_exclude_list(std::string_view text) {
     });
     const bool is_uuid = token.size() > 4 && (token.rfind("GPU-", 0) == 0 || token.rfind("gpu-", 0) == 0);
     if (!is_index && !is_uuid) {
-      return make_error(Errc::bad_input, "invalid GPU '" + token + "' in exclude list '" + std::string(text) +
-                                             "': expected NVML indices or GPU UUIDs separated by commas, like 0,3 or GPU-8f2c");
+      return make_error(Errc::bad_input, "invalid GPU " + quote_for_message(token) + " in exclude list " +
+                                             quote_for_message(text) + ": expected NVML indices or GPU UUIDs separated by commas, like 0,3 or GPU-8f2c");
     }
     tokens.push_back(std::move(token));
     if (end == text.size()) break;

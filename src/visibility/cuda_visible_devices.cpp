@@ -112,7 +112,8 @@ std::string gpu_count_phrase(std::size_t count) {
 }
 
 std::string stop_note(std::string_view token, const std::string& reason, std::size_t accepted) {
-  std::string note = "CUDA_VISIBLE_DEVICES stops at invalid entry " + quoted(trim_c_space(token)) + " (" + reason + ")";
+  std::string note =
+      "CUDA_VISIBLE_DEVICES stops at invalid entry " + quoted(trim_c_space(token)) + " (" + reason + ")";
   if (accepted == 0) note += ": CUDA sees no GPU";
   return note;
 }
@@ -219,7 +220,8 @@ void read_uuid_list(const Snapshot& snapshot, const std::vector<std::string_view
     }
     out.visible.push_back(index);
     // NVML spells UUIDs "GPU-" + lower-case hex; anything else was read leniently.
-    const bool nvml_spelling = t.shown.substr(0, 4) == "GPU-" && std::string_view(t.folded).substr(4) == t.shown.substr(4);
+    const bool nvml_spelling =
+        t.shown.substr(0, 4) == "GPU-" && std::string_view(t.folded).substr(4) == t.shown.substr(4);
     if (lenient.empty() && (t.shown.size() != t.token.size() || !nvml_spelling)) lenient = t.token;
   }
   if (!syntax_stop.empty()) notes.push_back(stop_note(stop_token, syntax_stop, out.visible.size()));

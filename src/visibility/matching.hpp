@@ -14,6 +14,7 @@
 #include <string_view>
 #include <vector>
 
+#include "gpuslot/error.hpp"
 #include "gpuslot/inventory.hpp"
 
 namespace gpuslot::visibility_detail {
@@ -49,24 +50,7 @@ inline bool starts_with_ignoring_case(std::string_view text, std::string_view pr
 }
 
 // `text` between single quotes, safe to put in a one-line message.
-inline std::string quoted(std::string_view text) {
-  constexpr std::size_t kMaxShown = 64;
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out = "'";
-  for (std::size_t i = 0; i < text.size() && i < kMaxShown; ++i) {
-    const auto byte = static_cast<unsigned char>(text[i]);
-    if (byte >= 0x20 && byte < 0x7f) {
-      out += static_cast<char>(byte);
-    } else {
-      out += "\\x";
-      out += kHex[byte >> 4];
-      out += kHex[byte & 0xf];
-    }
-  }
-  if (text.size() > kMaxShown) out += "...";
-  out += "'";
-  return out;
-}
+inline std::string quoted(std::string_view text) { return quote_for_message(text); }
 
 // Positions in snapshot.gpus whose UUID starts with `prefix`, ignoring case. A GPU whose UUID
 // NVML could not read (empty) matches nothing, not even an empty prefix.

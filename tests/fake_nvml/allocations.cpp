@@ -2,9 +2,12 @@
 #include "allocations.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/file.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -126,14 +129,70 @@ std::string write_allocations(const std::string& host_path, const std::vector<Al
   return {};
 }
 
-const std::vector<Allocation>& AllocationCache::current(const std::string& host_path) {
+namespace {
+int open_pidfd(unsigned int pid) {
+#ifdef SYS_pidfd_open
+  return static_cast<int>(::syscall(SYS_pidfd_open, static_cast<pid_t>(pid), 0));  // always O_CLOEXEC
+#else
+  (void)pid;
+  return -1;
+#endif
+}
+}  // namespace
+
+HolderLiveness::~HolderLiveness() { keep_only({}); }
+
+bool HolderLiveness::alive(const Allocation& allocation) {
+  auto it = std::find_if(holders_.begin(), holders_.end(), [&](const Holder& h) {
+    return h.pid == allocation.pid && h.start_time == allocation.start_time;
+  });
+  if (it == holders_.end()) {
+    // Open first, verify second: if the start time still matches after the pidfd exists, the
+    // pidfd refers to the recorded process and not to a later owner of the same pid.
+    const int pidfd = open_pidfd(allocation.pid);
+    const bool verified = holder_alive(allocation);
+    if (!verified && pidfd >= 0) ::close(pidfd);
+    holders_.push_back({allocation.pid, allocation.start_time, verified ? pidfd : -1, !verified});
+    return verified;
+  }
+  if (it->dead) return false;
+  if (it->pidfd < 0) {
+    it->dead = !holder_alive(allocation);
+  } else {
+    pollfd exited{it->pidfd, POLLIN, 0};
+    if (::poll(&exited, 1, 0) != 0) {  // readable (exited) or an error: either way, gone
+      ::close(it->pidfd);
+      it->pidfd = -1;
+      it->dead = true;
+    }
+  }
+  return !it->dead;
+}
+
+void HolderLiveness::keep_only(const std::vector<Allocation>& allocations) {
+  std::erase_if(holders_, [&](const Holder& holder) {
+    const bool listed = std::any_of(allocations.begin(), allocations.end(), [&](const Allocation& a) {
+      return a.pid == holder.pid && a.start_time == holder.start_time;
+    });
+    if (!listed && holder.pidfd >= 0) ::close(holder.pidfd);
+    return !listed;
+  });
+}
+
+std::vector<Allocation> AllocationCache::live_on(const std::string& host_path, const std::string& uuid) {
   const auto refresh = file_.refresh(allocations_path(host_path));
   if (refresh.error_number != 0) {
     parsed_.clear();  // no file yet: nothing allocated
+    liveness_.keep_only(parsed_);
   } else if (refresh.changed) {
     parsed_ = parse_allocations(file_.text());
+    liveness_.keep_only(parsed_);
   }
-  return parsed_;
+  std::vector<Allocation> live;
+  for (const auto& allocation : parsed_) {
+    if (allocation.uuid == uuid && liveness_.alive(allocation)) live.push_back(allocation);
+  }
+  return live;
 }
 
 std::uint64_t used_bytes(const HostGpu& gpu, const std::vector<Allocation>& live_allocations) {

@@ -71,13 +71,9 @@ nvmlReturn_t Call::host(const Host*& host, std::string* error) {
 }
 
 std::vector<Allocation> Call::live_allocations(const std::string& uuid) {
-  std::vector<Allocation> live;
   const std::string path = host_path();
-  if (path.empty()) return live;
-  for (const auto& allocation : session().allocations.current(path)) {
-    if (allocation.uuid == uuid && holder_alive(allocation)) live.push_back(allocation);
-  }
-  return live;
+  if (path.empty()) return {};
+  return session().allocations.live_on(path, uuid);
 }
 
 nvmlDevice_t handle_of(unsigned int index) { return &handles().slots[index]; }

@@ -37,8 +37,8 @@ class Call {
   // or the file unreadable (as if the driver had gone); UNKNOWN when the file is malformed.
   nvmlReturn_t host(const Host*& host, std::string* error = nullptr);
 
-  // Live allocations on the GPU with this UUID (holders checked against /proc each time, since a
-  // process can die without the file changing).
+  // Live allocations on the GPU with this UUID (holders checked on every call, since a process
+  // can die without the file changing).
   std::vector<Allocation> live_allocations(const std::string& uuid);
 
  private:

@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <string>
 
 #include "gpuslot/visibility.hpp"
@@ -57,7 +58,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   static const gpuslot::Snapshot eight = gpuslot::test::eight_a100s();
   static const gpuslot::Snapshot mixed = gpuslot::test::mixed_host();
   const std::string value(reinterpret_cast<const char*>(data), size);
-  for (const std::optional<std::string>& order : {std::optional<std::string>(), std::optional<std::string>("PCI_BUS_ID")}) {
+  const std::optional<std::string> orders[] = {std::nullopt, "PCI_BUS_ID"};
+  for (const std::optional<std::string>& order : orders) {
     check_one(eight, false, value, order);
     check_one(mixed, true, value, order);
   }

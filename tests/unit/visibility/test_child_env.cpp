@@ -41,7 +41,8 @@ TEST(ChildGpuEnv, UuidFormatListsUuidsAndStillSetsPciBusOrder) {
 
 TEST(ChildGpuEnv, EmptyListHidesEveryGpu) {
   const ChildGpuEnv env = child_gpu_env(test::eight_a100s(), {}, ExportFormat::index);
-  EXPECT_EQ(env.set, (Vars{{"CUDA_VISIBLE_DEVICES", ""}, {"CUDA_DEVICE_ORDER", "PCI_BUS_ID"}, {"GPUSLOT_GPU_UUIDS", ""}}));
+  EXPECT_EQ(env.set,
+            (Vars{{"CUDA_VISIBLE_DEVICES", ""}, {"CUDA_DEVICE_ORDER", "PCI_BUS_ID"}, {"GPUSLOT_GPU_UUIDS", ""}}));
   EXPECT_TRUE(as_child_sees(test::eight_a100s(), env).visible.empty());
 }
 

@@ -148,7 +148,8 @@ const Case kCases[] = {
 
     // gpuslot's choices for UUID spelling: white space dropped, case ignored, and said so.
     {"uuid_match_ignores_case", "gpu-1A0B", {1}, std::string("entry 'gpu-1A0B'") + kLenient},
-    {"uuid_match_ignores_surrounding_white_space", " GPU-1a , GPU-2b", {1, 2}, std::string("entry ' GPU-1a '") + kLenient},
+    {"uuid_match_ignores_surrounding_white_space", " GPU-1a , GPU-2b", {1, 2},
+     std::string("entry ' GPU-1a '") + kLenient},
     {"uuid_case_folding_detects_duplicates", "GPU-1a,GPU-1A", {},
      "CUDA_VISIBLE_DEVICES names 'GPU-1A' twice: CUDA sees no GPU"},
 

@@ -1,0 +1,52 @@
+// cmd_leases.cpp — `gpuslot leases [--json] [--release ID]`: every live reservation on the host.
+#include <cstdio>
+
+#include "cli/commands.hpp"
+#include "cli/report.hpp"
+
+namespace gpuslot::cli {
+
+namespace {
+
+struct LeasesOptions {
+  bool json = false;
+  std::string release;
+};
+
+void run_leases(Context& context, const LeasesOptions& options) {
+  Ledger* ledger = value_or_throw(context.ledger());
+  if (!options.release.empty()) {
+    if (auto released = ledger->release(options.release); !released) throw CommandError(released.error());
+    std::printf("released %s\n", options.release.c_str());
+    return;
+  }
+  std::vector<std::string> warnings;
+  std::vector<LeaseRecord> leases = ledger->live_leases(&warnings);
+  for (const auto& warning : warnings) print_warning(context, warning);
+  // In-use figures need NVML; without it the leases are still listed.
+  auto snapshot = context.snapshot();
+  if (snapshot) Ledger::outstanding(leases, *snapshot);
+  if (options.json) {
+    nlohmann::json list = nlohmann::json::array();
+    for (const auto& lease : leases) list.push_back(lease_json(lease));
+    std::printf("%s\n", nlohmann::json{{"state_dir", ledger->directory()}, {"leases", list}}.dump(2).c_str());
+    return;
+  }
+  if (leases.empty()) {
+    std::printf("no leases in %s\n", ledger->directory().c_str());
+    return;
+  }
+  print_lease_table(leases, snapshot ? &*snapshot : nullptr);
+}
+
+}  // namespace
+
+void add_leases(CLI::App& app, Context& context) {
+  auto options = std::make_shared<LeasesOptions>();
+  CLI::App* command = app.add_subcommand("leases", "List every live GPU reservation on this host");
+  command->add_flag("--json", options->json, "Machine-readable output");
+  command->add_option("--release", options->release, "Remove lease ID (its holder or root only)");
+  command->callback([&context, options] { context.action = [&context, options] { run_leases(context, *options); }; });
+}
+
+}  // namespace gpuslot::cli
