@@ -1,0 +1,134 @@
+"""The seed race (DESIGN.md "The problem", 1): 64 jobs of 10 GiB started at the same instant on
+4 GPUs of 24 GiB, where only two fit on a GPU at once.
+
+Through `gpuslot run --mem 10G --wait` none may die of out-of-memory, no GPU may ever hold more
+than two of them, and all must finish. The control launches the same herd through plain
+`gpuslot pick` (no lease): it must show the race the ledger exists to close.
+
+Placement is checked twice, independently: from records each job writes when it starts and ends
+(inside its lease, so their overlap can only be smaller than the leases'), and by sampling the
+fake NVML's live allocations file while the herd runs.
+"""
+import collections
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+JOBS = 64
+JOB_SECONDS = 2
+SLOTS = 4 * 2  # four 24 GiB GPUs, two 10 GiB jobs each
+IDEAL_SECONDS = JOBS * JOB_SECONDS / SLOTS  # 16 s
+
+
+class AllocationSampler(threading.Thread):
+    """Reads <host>.allocations (one line per live fake-gpu-job: pid uuid bytes starttime) every
+    few milliseconds and keeps the most jobs seen on one GPU at once."""
+
+    def __init__(self, host_path):
+        super().__init__(daemon=True)
+        self.path = str(host_path) + ".allocations"
+        self.max_per_gpu = collections.Counter()
+        self.samples = 0
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                with open(self.path) as file:
+                    lines = [line.split() for line in file if line.strip() and not line.startswith("#")]
+            except FileNotFoundError:
+                lines = []
+            per_gpu = collections.Counter(fields[1] for fields in lines if len(fields) == 4)
+            for gpu, count in per_gpu.items():
+                self.max_per_gpu[gpu] = max(self.max_per_gpu[gpu], count)
+            self.samples += 1
+            self.stop.wait(0.01)
+
+
+def launch_all(argv, envs):
+    """Starts one process per environment as close together as possible; returns
+    (wall seconds until the last exits, [(returncode, stdout, stderr)])."""
+    began = time.monotonic()
+    processes = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for env in envs]
+    try:
+        outputs = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    wall = time.monotonic() - began
+    return wall, [(process.returncode, out, err) for process, (out, err) in zip(processes, outputs)]
+
+
+def max_overlap(intervals):
+    """Most intervals open at one instant (an end at the same instant as a start closes first)."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals],
+                    key=lambda event: (event[0], event[1]))
+    best = current = 0
+    for _, step in events:
+        current += step
+        best = max(best, current)
+    return best
+
+
+def test_herd_of_64_waiting_runs_never_overcommits(gpuslot_path, fake_gpu_job, fake_env, host, tmp_path):
+    host_path = host("4x24g")
+    record = tmp_path / "records"
+    job = ('echo "start $JOB_ID $(date +%s.%N) $CUDA_VISIBLE_DEVICES" >> "$RECORD"; '
+           '"$JOB" --mem 10G --seconds ' + str(JOB_SECONDS) + '; status=$?; '
+           'echo "end $JOB_ID $(date +%s.%N) $CUDA_VISIBLE_DEVICES $status" >> "$RECORD"; exit $status')
+    argv = [str(gpuslot_path), "run", "--mem", "10G", "--wait", "--", "sh", "-c", job]
+    envs = [fake_env(host_path, JOB_ID=i, RECORD=record, JOB=fake_gpu_job) for i in range(JOBS)]
+    sampler = AllocationSampler(host_path)
+    sampler.start()
+    try:
+        wall, results = launch_all(argv, envs)
+    finally:
+        sampler.stop.set()
+        sampler.join()
+
+    out_of_memory = [err for _, _, err in results if "out of memory" in err]
+    assert out_of_memory == [], "%d jobs ran out of memory, e.g.\n%s" % (len(out_of_memory), out_of_memory[0])
+    failed = [(rc, err) for rc, _, err in results if rc != 0]
+    assert failed == [], "%d of %d failed, e.g. %r" % (len(failed), JOBS, failed[0])
+
+    starts, ends = {}, {}
+    for line in record.read_text().splitlines():
+        fields = line.split()
+        if fields[0] == "start":
+            starts[int(fields[1])] = (float(fields[2]), fields[3])
+        else:
+            ends[int(fields[1])] = (float(fields[2]), fields[3], int(fields[4]))
+    assert sorted(starts) == sorted(ends) == list(range(JOBS)), "every job starts and ends exactly once"
+    by_gpu = collections.defaultdict(list)
+    for job_id, (start, gpu) in starts.items():
+        end, end_gpu, status = ends[job_id]
+        assert (end_gpu, status) == (gpu, 0)
+        by_gpu[gpu].append((start, end))
+    assert sorted(by_gpu) == ["0", "1", "2", "3"], "the herd spreads over every GPU"
+    overlap = {gpu: max_overlap(intervals) for gpu, intervals in by_gpu.items()}
+    assert max(overlap.values()) <= 2, "jobs at once per GPU (from job records): %s" % overlap
+    assert sampler.samples > 50 and sampler.max_per_gpu, "the allocation sampler saw the herd"
+    assert max(sampler.max_per_gpu.values()) <= 2, "jobs at once per GPU (sampled): %s" % dict(sampler.max_per_gpu)
+    # Placement quality and speed are measured by bench/bench_leases.py; here only a loose bound
+    # that catches a serialised or stalled queue.
+    assert wall < 2 * IDEAL_SECONDS, "the herd took %.1f s; ideal %.0f s" % (wall, IDEAL_SECONDS)
+
+
+def test_control_plain_pick_without_a_lease_races(gpuslot_path, fake_gpu_job, fake_env, host):
+    """The same herd through `pick` alone: every picker sees the same freest GPU before any job has
+    allocated, so many die of out-of-memory (or find no GPU at all once the cards fill)."""
+    host_path = host("4x24g")
+    job = 'CUDA_VISIBLE_DEVICES=$("$GS" pick --mem 10G) exec "$JOB" --mem 10G --seconds 1'
+    envs = [fake_env(host_path, GS=gpuslot_path, JOB=fake_gpu_job) for _ in range(JOBS)]
+    wall, results = launch_all(["sh", "-c", job], envs)
+    out_of_memory = sum("CUDA out of memory" in err for _, _, err in results)
+    failed = sum(rc != 0 for rc, _, _ in results)
+    print("control: %d of %d failed, %d with out-of-memory, in %.1f s" % (failed, JOBS, out_of_memory, wall))
+    assert out_of_memory >= 8, "expected the race to show: only %d out-of-memory failures" % out_of_memory
+    assert failed >= JOBS - SLOTS * 2, "only %d of %d failed without leases" % (failed, JOBS)

@@ -1,0 +1,349 @@
+"""`gpuslot run`: the child's GPU environment, its exit status, signals, waiting (FIFO, prompt
+wake-up, time-out), the default reservation, and the over-reservation warning / --enforce.
+
+Every test drives the built binary through the fake NVML; the "job" is a shell snippet or
+fake-gpu-job, so what the child saw is read back from files it wrote. Background launches run in
+their own session and are killed (by process group) when the test ends, so a failing test
+leaves nothing running.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+GiB = 1 << 30
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail("timed out after %.1f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def read_text(path):
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+@pytest.fixture
+def spawn(gpuslot_path, fake_env, tmp_path):
+    """spawn(*gpuslot_args, host=Path, env={}) -> Popen of a background `gpuslot`, in its own
+    session, stdout/stderr to files (p.out_path / p.err_path). Killed (its group) at teardown."""
+    started = []
+    counter = [0]
+
+    def start(*args, host, env=None):
+        counter[0] += 1
+        out_path = tmp_path / ("bg%d.out" % counter[0])
+        err_path = tmp_path / ("bg%d.err" % counter[0])
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            process = subprocess.Popen([str(gpuslot_path), *map(str, args)], env=fake_env(host, **(env or {})),
+                                       stdout=out, stderr=err, start_new_session=True)
+        process.out_path, process.err_path = out_path, err_path
+        process.stderr_text = lambda: read_text(err_path)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
+def leases(gpuslot, host):
+    return json.loads(gpuslot("leases", "--json", host=host, check=0).stdout)["leases"]
+
+
+def wait_for_leases(gpuslot, host, count):
+    return wait_until(lambda: (lambda found: found if len(found) == count else None)(leases(gpuslot, host)),
+                      what="%d lease(s)" % count)
+
+
+def wait_waiting(process):
+    """Until a `run --wait` process has announced that it waits (so it holds its queue ticket)."""
+    wait_until(lambda: "waiting:" in process.stderr_text(), what="'waiting:' from pid %d" % process.pid)
+
+
+def env_of(path):
+    return dict(line.split("=", 1) for line in read_text(path).splitlines() if "=" in line)
+
+
+def uuids_of(host_path):
+    return [gpu["uuid"] for gpu in json.loads(host_path.read_text())["gpus"]]
+
+
+# --- the child's environment --------------------------------------------------------------------
+
+
+def test_child_gets_index_env_uuids_and_lease_id(gpuslot, gpuslot_path, host, tmp_path):
+    host_path = host("4x24g")
+    out = tmp_path / "env.txt"
+    seen_leases = tmp_path / "leases.json"
+    gpuslot("run", "--mem", "1G", "--", "sh", "-c", 'env > "$OUT"; "$GS" leases --json > "$SEEN"',
+            host=host_path, env={"OUT": out, "GS": gpuslot_path, "SEEN": seen_leases}, check=0)
+    child = env_of(out)
+    index = int(child["CUDA_VISIBLE_DEVICES"])
+    assert 0 <= index < 4
+    assert child["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert child["GPUSLOT_GPU_UUIDS"] == uuids_of(host_path)[index]
+    # The id names the lease that was live while the child ran, on the GPU the child was given.
+    during = json.loads(seen_leases.read_text())["leases"]
+    assert [lease["id"] for lease in during] == [child["GPUSLOT_LEASE_ID"]]
+    assert during[0]["gpus"] == [index] and during[0]["reserved"] == 1 * GiB
+    assert leases(gpuslot, host_path) == []  # released once the child is reaped
+
+
+def test_export_uuid_and_several_gpus(gpuslot, host, tmp_path):
+    host_path = host("4x24g")
+    out = tmp_path / "env.txt"
+    gpuslot("run", "--mem", "1G", "--gpus", "2", "--export", "uuid", "--", "sh", "-c", 'env > "$OUT"',
+            host=host_path, env={"OUT": out}, check=0)
+    child = env_of(out)
+    chosen = child["CUDA_VISIBLE_DEVICES"].split(",")
+    assert len(chosen) == 2 and len(set(chosen)) == 2
+    assert set(chosen) <= set(uuids_of(host_path))
+    assert child["GPUSLOT_GPU_UUIDS"].split(",") == chosen
+
+
+def test_inherited_cuda_visible_devices_limits_candidates(gpuslot, spawn, host, tmp_path):
+    """GPUs 2 and 3 only: two 20G holders take both; a third request fails although 0 and 1 are
+    empty — the child never gets a GPU outside its parent's CUDA_VISIBLE_DEVICES."""
+    host_path = host("4x24g")
+    restricted = {"CUDA_VISIBLE_DEVICES": "2,3"}
+    holders = []
+    for name in ("first", "second"):
+        holders.append(spawn("run", "--mem", "20G", "--", "sh", "-c", 'echo "$CUDA_VISIBLE_DEVICES" > "$OUT"; sleep 30',
+                             host=host_path, env={**restricted, "OUT": tmp_path / name}))
+        wait_until(lambda: read_text(tmp_path / name).strip(), what="holder %s started" % name)
+    assert sorted(read_text(tmp_path / n).strip() for n in ("first", "second")) == ["2", "3"]
+    third = gpuslot("run", "--mem", "20G", "--", "touch", tmp_path / "third", host=host_path, env=restricted)
+    assert third.returncode == 1, third.stderr
+    assert not (tmp_path / "third").exists()
+    # Without the restriction the same request fits on GPU 0.
+    gpuslot("run", "--mem", "20G", "--", "touch", tmp_path / "free", host=host_path, check=0)
+    assert (tmp_path / "free").exists()
+
+
+def test_inherited_uuid_visibility_is_respected(gpuslot, host, tmp_path):
+    host_path = host("4x24g")
+    uuids = uuids_of(host_path)
+    out = tmp_path / "env.txt"
+    gpuslot("run", "--mem", "1G", "--", "sh", "-c", 'env > "$OUT"', host=host_path,
+            env={"CUDA_VISIBLE_DEVICES": uuids[3][:12], "OUT": out}, check=0)
+    child = env_of(out)
+    assert child["CUDA_VISIBLE_DEVICES"] == "3" and child["GPUSLOT_GPU_UUIDS"] == uuids[3]
+    hidden = gpuslot("run", "--mem", "1G", "--", "touch", tmp_path / "never", host=host_path,
+                     env={"CUDA_VISIBLE_DEVICES": "-1"})
+    assert hidden.returncode == 1 and not (tmp_path / "never").exists()
+
+
+# --- exit status and signals --------------------------------------------------------------------
+
+
+def test_exit_status_is_the_childs(gpuslot, host):
+    host_path = host("4x24g")
+    assert gpuslot("run", "--mem", "1G", "--", "sh", "-c", "exit 7", host=host_path).returncode == 7
+    assert gpuslot("run", "--mem", "1G", "--", "true", host=host_path).returncode == 0
+    assert gpuslot("run", "--mem", "1G", "--", "/nonexistent/cmd", host=host_path).returncode == 127
+
+
+def test_child_killed_by_signal_gives_128_plus_signal(gpuslot, host):
+    host_path = host("4x24g")
+    assert gpuslot("run", "--mem", "1G", "--", "sh", "-c", "kill -KILL $$", host=host_path).returncode == 128 + 9
+    assert gpuslot("run", "--mem", "1G", "--", "sh", "-c", "kill -TERM $$", host=host_path).returncode == 128 + 15
+
+
+def test_sigterm_to_run_is_forwarded_to_the_child(spawn, host, tmp_path):
+    host_path = host("4x24g")
+    ready, marker = tmp_path / "ready", tmp_path / "marker"
+    script = "trap 'echo got-term > \"$MARK\"; exit 3' TERM; touch \"$READY\"; while :; do sleep 0.05; done"
+    run = spawn("run", "--mem", "1G", "--", "sh", "-c", script, host=host_path, env={"READY": ready, "MARK": marker})
+    wait_until(ready.exists, what="child ready")
+    os.kill(run.pid, signal.SIGTERM)
+    assert run.wait(timeout=10) == 3
+    assert read_text(marker).strip() == "got-term"
+
+
+def test_sigterm_stops_a_gpu_job_which_returns_143(spawn, gpuslot, fake_gpu_job, host):
+    host_path = host("4x24g")
+    run = spawn("run", "--mem", "2G", "--", fake_gpu_job, "--mem", "2G", "--seconds", "30", host=host_path)
+    wait_until(lambda: "holding" in read_text(run.out_path), what="job holding memory")
+    os.kill(run.pid, signal.SIGTERM)
+    assert run.wait(timeout=10) == 128 + signal.SIGTERM
+    assert leases(gpuslot, host_path) == []
+
+
+# --- nothing fits, waiting ----------------------------------------------------------------------
+
+
+def test_nothing_fits_exits_1_at_once_with_the_reason(gpuslot, spawn, host, tmp_path):
+    host_path = host("1x4090")
+    spawn("run", "--mem", "20G", "--", "sleep", "30", host=host_path)
+    wait_for_leases(gpuslot, host_path, 1)
+    began = time.monotonic()
+    result = gpuslot("run", "--mem", "10G", "--", "touch", tmp_path / "never", host=host_path)
+    assert time.monotonic() - began < 2.0
+    assert result.returncode == 1, result.stderr
+    assert "no GPU fits now" in result.stderr and "--wait" in result.stderr
+    assert "3.76 GiB available" in result.stderr  # 23.76 GiB free, 20 GiB of it reserved
+    assert not (tmp_path / "never").exists()
+    # Larger than any GPU: impossible, no hint to wait.
+    impossible = gpuslot("run", "--mem", "30G", "--", "touch", tmp_path / "never", host=host_path)
+    assert impossible.returncode == 1 and "largest visible GPU" in impossible.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_wait_timeout_exits_124_with_pending_reason_announced_once(gpuslot, spawn, host, tmp_path):
+    host_path = host("1x4090")
+    spawn("run", "--mem", "20G", "--", "sleep", "30", host=host_path)
+    wait_for_leases(gpuslot, host_path, 1)
+    began = time.monotonic()
+    result = gpuslot("run", "--mem", "10G", "--wait", "1.5s", "--", "touch", tmp_path / "never", host=host_path)
+    elapsed = time.monotonic() - began
+    assert result.returncode == 124, result.stderr
+    assert 1.4 <= elapsed < 4.0
+    assert result.stderr.count("waiting:") == 1, result.stderr
+    waiting_line = next(line for line in result.stderr.splitlines() if "waiting:" in line)
+    assert "10 GiB requested" in waiting_line or "10.00 GiB" in waiting_line, waiting_line
+    assert "timed out waiting" in result.stderr and "no GPU fits now" in result.stderr.split("timed out")[1]
+    assert not (tmp_path / "never").exists()
+
+
+def test_waiters_are_served_first_come_first_served(gpuslot, spawn, host, tmp_path):
+    host_path = host("1x4090")
+    go, order = tmp_path / "go", tmp_path / "order"
+    spawn("run", "--mem", "20G", "--", "sh", "-c", 'while [ ! -e "$GO" ]; do sleep 0.02; done', host=host_path,
+          env={"GO": go})
+    wait_for_leases(gpuslot, host_path, 1)
+    waiters = []
+    for name in ("A", "B", "C"):
+        waiter = spawn("run", "--mem", "20G", "--wait", "--", "sh", "-c", 'echo %s >> "$ORDER"; sleep 0.2' % name,
+                       host=host_path, env={"ORDER": order})
+        wait_waiting(waiter)  # queued before the next one arrives
+        waiters.append(waiter)
+    go.touch()
+    assert [waiter.wait(timeout=20) for waiter in waiters] == [0, 0, 0]
+    assert read_text(order).split() == ["A", "B", "C"]
+
+
+def test_a_small_request_does_not_overtake_an_earlier_waiter(gpuslot, spawn, host, tmp_path):
+    """3.76 GiB are free beside a 20G holder: a 1G waiter would fit now, but a 10G waiter came
+    first, so the 1G one waits behind it (a big request is never starved by small ones)."""
+    host_path = host("1x4090")
+    go, order = tmp_path / "go", tmp_path / "order"
+    spawn("run", "--mem", "20G", "--", "sh", "-c", 'while [ ! -e "$GO" ]; do sleep 0.02; done', host=host_path,
+          env={"GO": go})
+    wait_for_leases(gpuslot, host_path, 1)
+    big = spawn("run", "--mem", "10G", "--wait", "--", "sh", "-c", 'echo big >> "$ORDER"', host=host_path,
+                env={"ORDER": order})
+    wait_waiting(big)
+    small = spawn("run", "--mem", "1G", "--wait", "--", "sh", "-c", 'echo small >> "$ORDER"', host=host_path,
+                  env={"ORDER": order})
+    wait_waiting(small)
+    time.sleep(0.5)
+    assert read_text(order) == ""
+    go.touch()
+    assert (big.wait(timeout=10), small.wait(timeout=10)) == (0, 0)
+    assert read_text(order).split() == ["big", "small"]
+
+
+def test_a_killed_waiter_leaves_the_queue(gpuslot, spawn, host, tmp_path):
+    host_path = host("1x4090")
+    go, started = tmp_path / "go", tmp_path / "started"
+    spawn("run", "--mem", "20G", "--", "sh", "-c", 'while [ ! -e "$GO" ]; do sleep 0.02; done', host=host_path,
+          env={"GO": go})
+    wait_for_leases(gpuslot, host_path, 1)
+    doomed = spawn("run", "--mem", "20G", "--wait", "--", "true", host=host_path)
+    wait_waiting(doomed)
+    after = spawn("run", "--mem", "20G", "--wait", "--", "sh", "-c", 'date +%s.%N > "$STARTED"', host=host_path,
+                  env={"STARTED": started})
+    wait_waiting(after)
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.wait()
+    released_at = time.time()
+    go.touch()
+    assert after.wait(timeout=10) == 0
+    assert float(read_text(started)) - released_at < 1.0
+
+
+def test_waiter_starts_promptly_when_the_holder_ends(gpuslot, spawn, host, tmp_path):
+    host_path = host("1x4090")
+    go, ended, started = tmp_path / "go", tmp_path / "ended", tmp_path / "started"
+    spawn("run", "--mem", "20G", "--", "sh", "-c",
+          'while [ ! -e "$GO" ]; do sleep 0.02; done; date +%s.%N > "$ENDED"', host=host_path,
+          env={"GO": go, "ENDED": ended})
+    wait_for_leases(gpuslot, host_path, 1)
+    waiter = spawn("run", "--mem", "20G", "--wait", "--", "sh", "-c", 'date +%s.%N > "$STARTED"', host=host_path,
+                   env={"STARTED": started})
+    wait_waiting(waiter)
+    time.sleep(0.3)
+    go.touch()
+    assert waiter.wait(timeout=10) == 0
+    delay = float(read_text(started)) - float(read_text(ended))
+    assert 0 <= delay < 1.0, "waiter started %.3f s after the holder ended" % delay
+
+
+def test_waiter_starts_promptly_when_a_lease_is_released_by_hand(gpuslot, spawn, host, tmp_path):
+    host_path = host("1x4090")
+    started = tmp_path / "started"
+    spawn("run", "--mem", "20G", "--", "sleep", "30", host=host_path)
+    (held,) = wait_for_leases(gpuslot, host_path, 1)
+    waiter = spawn("run", "--mem", "20G", "--wait", "--", "sh", "-c", 'date +%s.%N > "$STARTED"', host=host_path,
+                   env={"STARTED": started})
+    wait_waiting(waiter)
+    time.sleep(0.3)
+    released_at = time.time()
+    gpuslot("leases", "--release", held["id"], host=host_path, check=0)
+    assert waiter.wait(timeout=10) == 0
+    delay = float(read_text(started)) - released_at
+    assert delay < 1.0, "waiter started %.3f s after the release" % delay
+
+
+# --- reservation size ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("default_mem, expected", [(None, 2 * GiB), ("3G", 3 * GiB), ("512M", GiB // 2)])
+def test_default_reservation_when_mem_is_absent(gpuslot, gpuslot_path, host, tmp_path, default_mem, expected):
+    host_path = host("4x24g")
+    seen = tmp_path / "leases.json"
+    env = {"GS": gpuslot_path, "SEEN": seen}
+    if default_mem is not None:
+        env["GPUSLOT_DEFAULT_MEM"] = default_mem
+    gpuslot("run", "--", "sh", "-c", '"$GS" leases --json > "$SEEN"', host=host_path, env=env, check=0)
+    (lease,) = json.loads(seen.read_text())["leases"]
+    assert lease["reserved"] == expected
+
+
+def test_using_more_than_reserved_warns_once(gpuslot, fake_gpu_job, host):
+    host_path = host("4x24g")
+    result = gpuslot("run", "--mem", "2G", "--", fake_gpu_job, "--mem", "6G", "--seconds", "3", host=host_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("above its") == 1, result.stderr
+    assert "warning" in result.stderr and "6.00 GiB" in result.stderr and "2.00 GiB" in result.stderr
+
+
+def test_enforce_stops_a_job_using_more_than_reserved(gpuslot, fake_gpu_job, host):
+    host_path = host("4x24g")
+    began = time.monotonic()
+    result = gpuslot("run", "--mem", "2G", "--enforce", "--", fake_gpu_job, "--mem", "6G", "--seconds", "20",
+                     host=host_path)
+    assert time.monotonic() - began < 8
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert "stopping" in result.stderr and "--enforce" in result.stderr
+    assert leases(gpuslot, host_path) == []
