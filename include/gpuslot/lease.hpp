@@ -47,6 +47,7 @@ struct LeaseRecord {
   std::string command;
   std::int64_t taken_at_ms = 0;                // Unix time
   std::optional<std::int64_t> expires_at_ms;   // `pick --hold`: lives until then, not by a lock
+  pid_t holder_session = 0;  // `pick --hold`: memory of processes in this session counts as the holder's
   // Filled when read, not stored:
   std::string path;
   std::uint64_t in_use_bytes = 0;  // memory NVML shows for the holder's process tree (sum over GPUs)
@@ -83,6 +84,7 @@ struct ReserveRequest {
   std::string command;                    // shown in `gpuslot leases`
   std::optional<std::chrono::milliseconds> hold;  // pick --hold: expiry instead of a holder lock
   pid_t owner_pid = 0;                    // whose process tree uses the memory (default: this process)
+  pid_t owner_session = 0;                // with hold: the session whose processes will use it
 };
 
 struct Reservation {

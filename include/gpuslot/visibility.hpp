@@ -32,6 +32,8 @@ struct Visibility {
   std::vector<unsigned> visible;
   // True when CUDA_VISIBLE_DEVICES was set (the candidates are restricted to `visible`).
   bool restricted = false;
+  // What restricted them, for "not visible" reasons ("CUDA_VISIBLE_DEVICES", "--device cuda:1").
+  std::string restricted_by = "CUDA_VISIBLE_DEVICES";
   // Set when the mapping cannot be known exactly (mixed GPU models, integer entries, no
   // CUDA_DEVICE_ORDER=PCI_BUS_ID): CUDA would number by its FASTEST_FIRST heuristic. `visible`
   // then holds the PCI-order reading, and callers that need an in-process ordinal must refuse.

@@ -96,6 +96,17 @@ int run(int argc, char** argv) {
     return app.exit(e);
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
+  } catch (const CLI::RequiredError& e) {
+    // CLI11 says "A subcommand is required" for `gpuslot frobnicate`: name the word instead.
+    std::string word;
+    for (int i = 1; i < argc; ++i) {
+      const std::string arg = argv[i];
+      if (arg == "--simulate") { ++i; continue; }
+      if (!arg.empty() && arg[0] != '-') { word = arg; break; }
+    }
+    print_error(word.empty() ? std::string(e.what()) + " (see gpuslot --help)"
+                             : "unknown command " + quote_for_message(word) + ": expected status, pick, device, run or leases");
+    return 2;
   } catch (const CLI::ParseError& e) {
     // One line, and the same exit status as every other bad input.
     print_error(std::string(e.what()) + " (see gpuslot --help)");

@@ -23,7 +23,7 @@ namespace {
 struct DeviceOptions {
   std::string spec;
   std::string env_name = "GPUSLOT_DEVICE";
-  std::string mem;
+  std::optional<std::string> mem;
   std::string strategy = "most-free";
 };
 
@@ -50,7 +50,7 @@ void run_device(Context& context, const DeviceOptions& options) {
   }
   const DeviceSpec spec = *parsed;
   Requirements requirements;
-  if (!options.mem.empty()) requirements.memory_bytes = value_or_throw(parse_size_bytes(options.mem));
+  if (options.mem) requirements.memory_bytes = value_or_throw(parse_size_bytes(*options.mem));
   requirements.strategy = value_or_throw(parse_strategy(options.strategy));
 
   if (spec.kind == DeviceSpec::Kind::cpu) {
@@ -83,15 +83,16 @@ void run_device(Context& context, const DeviceOptions& options) {
   }
   if (visibility.ambiguity) throw CommandError(make_error(Errc::bad_input, *visibility.ambiguity));
 
-  for (unsigned index : visibility.visible) say(memory_line(snapshot.gpus[index]));
   const std::string restriction =
       spec.kind == DeviceSpec::Kind::cuda_ordinal || spec.kind == DeviceSpec::Kind::uuid ? spec_text : std::string();
-  visibility = restrict_to_device(restriction, snapshot, visibility);
+  const Visibility candidates = restrict_to_device(restriction, snapshot, visibility);  // bad specs fail here, before output
+  for (unsigned index : visibility.visible) say(memory_line(snapshot.gpus[index]));
+  visibility = candidates;
   const Decision decision = value_or_throw(select_gpus(requirements, snapshot, visibility, context.reservations(snapshot)));
   for (const auto& warning : decision.warnings) print_warning(context, warning);
   if (!decision.fits()) {
     for (unsigned index : visibility.visible) {
-      say(verdict_line(snapshot.gpus[index], decision.verdicts[index], visibility));
+      say(verdict_line(snapshot.gpus[index], decision.verdicts[index], context.visibility(snapshot)));
     }
     print_error(decision.summary);
     context.exit_code = exit_code_of(Errc::nothing_fits);

@@ -21,7 +21,7 @@ void RequirementOptions::add_to(CLI::App& command) {
 
 Requirements RequirementOptions::to_requirements() const {
   Requirements requirements;
-  if (!mem.empty()) requirements.memory_bytes = value_or_throw(parse_size_bytes(mem));
+  if (mem) requirements.memory_bytes = value_or_throw(parse_size_bytes(*mem));
   if (gpus == 0 || gpus > 1024) {
     throw CommandError(make_error(Errc::bad_input, "invalid --gpus " + std::to_string(gpus) + ": expected 1 or more"));
   }
@@ -36,11 +36,15 @@ Requirements RequirementOptions::to_requirements() const {
 }
 
 Visibility restrict_to_device(const std::string& spec_text, const Snapshot& snapshot, Visibility visibility) {
+  // Which GPUs an integer CUDA_VISIBLE_DEVICES names on a mixed host is CUDA's guess, not ours:
+  // handing out a GPU might give the child one outside its parent's set.
+  if (visibility.restricted && visibility.ambiguity) throw CommandError(make_error(Errc::bad_input, *visibility.ambiguity));
   if (spec_text.empty()) return visibility;
   const DeviceSpec spec = value_or_throw(parse_device_spec(spec_text));
-  auto only = [&visibility](unsigned index) {
+  auto only = [&visibility, &spec_text](unsigned index) {
     visibility.visible = {index};
     visibility.restricted = true;
+    visibility.restricted_by = "--device " + spec_text;
     return visibility;
   };
   switch (spec.kind) {
@@ -106,6 +110,7 @@ void run_pick(Context& context, const PickOptions& options) {
     request.requirements = requirements;
     request.hold = value_or_throw(parse_duration(options.hold));
     request.owner_pid = ::getppid();
+    request.owner_session = ::getsid(0);
     request.command = "pick --hold " + options.hold;
     Ledger* ledger = value_or_throw(context.ledger());
     std::vector<std::string> warnings;
@@ -117,7 +122,7 @@ void run_pick(Context& context, const PickOptions& options) {
     decision = std::move(reservation.decision);
     if (reservation.lease) std::fprintf(stderr, "gpuslot: holding lease %s for %s\n", reservation.lease->record().id.c_str(), options.hold.c_str());
   }
-  const Visibility visibility = restrict_to_device(options.requirements.device, snapshot, context.visibility(snapshot));
+  const Visibility visibility = context.visibility(snapshot);  // ordinals as this process numbers them
 
   if (options.explain) {
     for (const auto& verdict : decision.verdicts) {

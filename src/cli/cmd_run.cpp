@@ -128,7 +128,7 @@ void run_run(Context& context, RunOptions& options) {
   if (options.export_format != "index" && options.export_format != "uuid") {
     throw CommandError(make_error(Errc::bad_input, "invalid --export '" + options.export_format + "': expected index or uuid"));
   }
-  if (options.requirements.mem.empty()) {
+  if (!options.requirements.mem) {
     const char* fallback = std::getenv("GPUSLOT_DEFAULT_MEM");
     options.requirements.mem = fallback != nullptr && *fallback != '\0' ? fallback : kDefaultReservation;
   }

@@ -17,7 +17,7 @@ namespace {
 
 struct StatusOptions {
   bool json = false;
-  std::optional<double> watch_seconds;
+  std::optional<std::string> watch;
 };
 
 volatile std::sig_atomic_t g_stop = 0;
@@ -110,12 +110,13 @@ void show_once(Context& context, const StatusOptions& options) {
 }
 
 void run_status(Context& context, const StatusOptions& options) {
-  if (!options.watch_seconds) {
+  if (!options.watch) {
     show_once(context, options);
     return;
   }
-  if (*options.watch_seconds < 0.1 || *options.watch_seconds > 86400) {
-    throw CommandError(make_error(Errc::bad_input, "invalid --watch " + std::to_string(*options.watch_seconds) +
+  auto interval = parse_duration(*options.watch);
+  if (!interval || interval->count() < 100 || interval->count() > 86'400'000) {
+    throw CommandError(make_error(Errc::bad_input, "invalid --watch " + quote_for_message(*options.watch) +
                                                        ": expected seconds between 0.1 and 86400"));
   }
   std::signal(SIGINT, on_stop_signal);
@@ -123,7 +124,7 @@ void run_status(Context& context, const StatusOptions& options) {
   while (g_stop == 0) {
     if (context.color_stdout() && !options.json) std::printf("\033[H\033[2J");
     show_once(context, options);
-    poll(nullptr, 0, int(*options.watch_seconds * 1000));  // interrupted at once by the signal
+    poll(nullptr, 0, int(interval->count()));  // interrupted at once by the signal
   }
 }
 
@@ -133,7 +134,7 @@ void add_status(CLI::App& app, Context& context) {
   auto options = std::make_shared<StatusOptions>();
   CLI::App* command = app.add_subcommand("status", "Show every GPU, its processes and leases, and the GPU to use now");
   command->add_flag("--json", options->json, "Machine-readable output (stable format)");
-  command->add_option("--watch", options->watch_seconds, "Refresh every SECONDS until interrupted");
+  command->add_option("--watch", options->watch, "Refresh every SECONDS until interrupted");
   command->callback([&context, options] { context.action = [&context, options] { run_status(context, *options); }; });
 }
 

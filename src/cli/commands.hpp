@@ -12,7 +12,7 @@
 namespace gpuslot::cli {
 
 struct RequirementOptions {
-  std::string mem;
+  std::optional<std::string> mem;
   unsigned gpus = 1;
   std::string exclude;
   std::string strategy = "most-free";

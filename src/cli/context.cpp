@@ -1,5 +1,6 @@
 #include "cli/context.hpp"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <climits>
@@ -59,10 +60,40 @@ std::string Context::bundled_fake_nvml() const {
   return (std::filesystem::path(exe_dir_) / ".." / "libexec" / "gpuslot" / "libnvidia-ml.so.1").lexically_normal().string();
 }
 
+// With --simulate a failing init means the host file is wrong: that is bad input, and the fake's
+// own stderr line (which names the field) is folded into our one-line error.
+Result<std::shared_ptr<NvmlLibrary>> Context::open_capturing_simulation_errors() {
+  if (options.simulate.empty()) return NvmlLibrary::open(nvml_path_);
+  int pipe_fds[2];
+  if (::pipe2(pipe_fds, O_CLOEXEC | O_NONBLOCK) != 0) return NvmlLibrary::open(nvml_path_);
+  std::fflush(stderr);
+  const int saved = ::dup(STDERR_FILENO);
+  ::dup2(pipe_fds[1], STDERR_FILENO);
+  auto library = NvmlLibrary::open(nvml_path_);
+  std::fflush(stderr);
+  ::dup2(saved, STDERR_FILENO);
+  ::close(saved);
+  ::close(pipe_fds[1]);
+  char buffer[1024] = {};
+  const ssize_t n = ::read(pipe_fds[0], buffer, sizeof buffer - 1);
+  ::close(pipe_fds[0]);
+  std::string said = n > 0 ? std::string(buffer, std::size_t(n)) : std::string();
+  if (library) {
+    if (!said.empty()) std::fputs(said.c_str(), stderr);
+    return library;
+  }
+  said = said.substr(0, said.find('\n'));
+  Error error = library.error();
+  error.code = Errc::bad_input;
+  error.message = "--simulate: host file " + quote_for_message(options.simulate) + " was rejected: " +
+                  (said.empty() ? error.message : said) + "; see examples/hosts/8x4090.json for the format";
+  return error;
+}
+
 Result<std::shared_ptr<NvmlLibrary>> Context::nvml() {
   if (nvml_) return nvml_;
   if (nvml_error_) return *nvml_error_;
-  auto library = NvmlLibrary::open(nvml_path_);
+  auto library = open_capturing_simulation_errors();
   if (!library) {
     nvml_error_ = library.error();
     return library.error();

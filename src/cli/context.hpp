@@ -55,6 +55,7 @@ class Context {
   std::string bundled_fake_nvml() const;
 
  private:
+  Result<std::shared_ptr<NvmlLibrary>> open_capturing_simulation_errors();
   std::string nvml_path_;
   std::string exe_dir_;
   std::shared_ptr<NvmlLibrary> nvml_;

@@ -130,7 +130,8 @@ nlohmann::json lease_json(const LeaseRecord& lease) {
           {"command", lease.command},
           {"taken_at_ms", lease.taken_at_ms},
           {"age_seconds", std::max<std::int64_t>(0, (unix_ms_now() - lease.taken_at_ms) / 1000)},
-          {"expires_at_ms", lease.expires_at_ms ? nlohmann::json(*lease.expires_at_ms) : nlohmann::json(nullptr)}};
+          {"expires_at_ms", lease.expires_at_ms ? nlohmann::json(*lease.expires_at_ms) : nlohmann::json(nullptr)},
+          {"session", lease.holder_session}};
 }
 
 nlohmann::json leases_by_gpu(const std::vector<LeaseRecord>& leases, const Snapshot& snapshot) {

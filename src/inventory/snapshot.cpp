@@ -48,6 +48,22 @@ GpuInfo read_gpu(NvmlLibrary& nvml, unsigned index, bool with_processes) {
   gpu.name = optional_reading(nvml.name(*handle), gpu).value_or("");
   gpu.pci_bus_id = optional_reading(nvml.pci_bus_id(*handle), gpu).value_or("");
 
+  // Processes first, memory second: a process in the list allocated before the memory reading,
+  // so its bytes are inside "used". (The other order let a job that allocated in between be
+  // credited to its lease without being subtracted from "free": a reservation counted zero.)
+  if (with_processes) {
+    if (auto processes = optional_reading(nvml.compute_processes(*handle), gpu)) {
+      for (const auto& process : *processes) {
+        GpuProcess entry;
+        entry.pid = process.pid;
+        entry.used_bytes = process.used_bytes;
+        ProcessIdentity identity = identify_process(process.pid);
+        entry.user = std::move(identity.user);
+        entry.command = std::move(identity.command);
+        gpu.processes.push_back(std::move(entry));
+      }
+    }
+  }
   if (auto memory = nvml.memory(*handle)) {
     gpu.memory_total_bytes = memory->total_bytes;
     gpu.memory_used_bytes = memory->used_bytes;
@@ -65,19 +81,6 @@ GpuInfo read_gpu(NvmlLibrary& nvml, unsigned index, bool with_processes) {
   gpu.temperature_c = optional_reading(nvml.temperature_c(*handle), gpu);
   gpu.power_mw = optional_reading(nvml.power_mw(*handle), gpu);
 
-  if (with_processes) {
-    if (auto processes = optional_reading(nvml.compute_processes(*handle), gpu)) {
-      for (const auto& process : *processes) {
-        GpuProcess entry;
-        entry.pid = process.pid;
-        entry.used_bytes = process.used_bytes;
-        ProcessIdentity identity = identify_process(process.pid);
-        entry.user = std::move(identity.user);
-        entry.command = std::move(identity.command);
-        gpu.processes.push_back(std::move(entry));
-      }
-    }
-  }
   return gpu;
 }
 

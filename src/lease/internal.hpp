@@ -53,6 +53,9 @@ std::optional<pid_t> parent_of(pid_t pid, std::unordered_map<pid_t, pid_t>& cach
 Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request, const SnapshotSource& snapshot_source,
                                    const VisibilityOf& visibility_of, bool take, std::vector<std::string>* warnings);
 
+// Session id of a process from /proc (nullopt if gone).
+std::optional<pid_t> session_of(pid_t pid);
+
 // New random lease id: "<pid>-<8 hex>".
 std::string new_lease_id();
 

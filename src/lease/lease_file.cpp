@@ -41,6 +41,7 @@ std::string to_json_text(const LeaseRecord& record) {
       {"command", record.command},
       {"taken_at_ms", record.taken_at_ms},
       {"expires_at_ms", record.expires_at_ms ? nlohmann::json(*record.expires_at_ms) : nlohmann::json(nullptr)},
+      {"holder_session", record.holder_session},
   };
   return json.dump() + "\n";
 }
@@ -61,6 +62,7 @@ Result<LeaseRecord> from_json_text(const std::string& text) {
     record.command = json.at("command").get<std::string>();
     record.taken_at_ms = json.at("taken_at_ms").get<std::int64_t>();
     if (!json.at("expires_at_ms").is_null()) record.expires_at_ms = json.at("expires_at_ms").get<std::int64_t>();
+    record.holder_session = json.value("holder_session", pid_t(0));
     if (record.id.empty() || record.gpu_uuids.empty() || record.holder_pid <= 0) {
       return make_error(Errc::bad_input, "incomplete lease");
     }

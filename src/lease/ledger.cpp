@@ -95,9 +95,27 @@ OutstandingReservations Ledger::outstanding(std::vector<LeaseRecord>& leases, co
   // Memory each lease's process tree uses on each GPU: walk each GPU process up to its ancestors.
   std::map<std::pair<std::size_t, std::string>, std::uint64_t> in_use;
   std::unordered_map<pid_t, pid_t> parents;
+  // Holds are attributed by session: the process that will use them is not born yet.
+  std::map<pid_t, std::vector<std::size_t>> by_session;
+  for (std::size_t i = 0; i < leases.size(); ++i) {
+    if (leases[i].expires_at_ms && leases[i].holder_session > 0) by_session[leases[i].holder_session].push_back(i);
+  }
   for (const auto& gpu : snapshot.gpus) {
     for (const auto& process : gpu.processes) {
-      if (!process.used_bytes || by_holder.empty()) continue;
+      if (!process.used_bytes) continue;
+      if (!by_session.empty()) {
+        if (auto session = session_of(process.pid); session) {
+          if (auto it = by_session.find(*session); it != by_session.end()) {
+            for (std::size_t i : it->second) {
+              const auto& uuids = leases[i].gpu_uuids;
+              if (std::find(uuids.begin(), uuids.end(), gpu.uuid) == uuids.end()) continue;
+              in_use[{i, gpu.uuid}] += *process.used_bytes;
+              leases[i].in_use_bytes += *process.used_bytes;
+            }
+          }
+        }
+      }
+      if (by_holder.empty()) continue;
       pid_t pid = process.pid;
       for (int depth = 0; depth < 64 && pid > 1; ++depth) {
         if (auto it = by_holder.find(pid); it != by_holder.end()) {
@@ -167,7 +185,10 @@ Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request
   record.reserved_bytes = request.requirements.memory_bytes;
   record.command = request.command;
   record.taken_at_ms = now_ms();
-  if (request.hold) record.expires_at_ms = record.taken_at_ms + request.hold->count();
+  if (request.hold) {
+    record.expires_at_ms = record.taken_at_ms + request.hold->count();
+    record.holder_session = request.owner_session;
+  }
 
   auto fd = write_lease_file(directory_, record, !request.hold.has_value());
   if (!fd) return fd.error();

@@ -53,5 +53,15 @@ std::optional<pid_t> parent_of(pid_t pid, std::unordered_map<pid_t, pid_t>& cach
   return parent;
 }
 
+std::optional<pid_t> session_of(pid_t pid) {
+  std::string fields;
+  if (pid <= 0 || !read_stat_fields(pid, fields)) return std::nullopt;
+  std::istringstream in(fields);
+  std::string state;
+  pid_t parent = 0, group = 0, session = 0;
+  if (!(in >> state >> parent >> group >> session)) return std::nullopt;
+  return session;
+}
+
 }  // namespace lease_internal
 }  // namespace gpuslot

@@ -93,16 +93,19 @@ Result<int> open_shared_file(const std::string& path, mode_t mode) {
 }
 
 Result<HostLock> HostLock::acquire(const std::string& directory) {
-  auto fd = open_shared_file(directory + "/ledger.lock", 0644);
-  if (!fd) return fd.error();
-  while (::flock(*fd, LOCK_EX) != 0) {
+  // The lock is taken on the directory itself, not on a file in it: in a sticky directory the
+  // creator of a lock file could delete it and split the lock; nobody can delete the directory
+  // while it holds leases.
+  const int fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return state_error("cannot open state directory " + directory + ": " + errno_text());
+  while (::flock(fd, LOCK_EX) != 0) {
     if (errno != EINTR) {
       const std::string why = errno_text();
-      ::close(*fd);
-      return state_error("cannot lock " + directory + "/ledger.lock: " + why);
+      ::close(fd);
+      return state_error("cannot lock state directory " + directory + ": " + why);
     }
   }
-  return HostLock(*fd);
+  return HostLock(fd);
 }
 
 HostLock::~HostLock() {

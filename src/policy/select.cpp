@@ -144,7 +144,7 @@ Result<Decision> select_gpus(const Requirements& requirements, const Snapshot& s
     const std::uint64_t available = verdict.available_bytes.value_or(0);
 
     if (!visibility.is_visible(gpu.nvml_index)) {
-      verdict.reason = "not visible: outside CUDA_VISIBLE_DEVICES";
+      verdict.reason = "not a candidate: outside " + visibility.restricted_by;
     } else if ((*excluded)[gpu.nvml_index]) {
       verdict.reason = "excluded";
     } else if (!gpu.healthy) {

@@ -125,7 +125,7 @@ TEST(SelectGpus, InvisibleGpusAreNeverChosen) {
   auto decision = select_gpus(Requirements{}, snapshot, visibility);
   ASSERT_TRUE(decision.ok());
   EXPECT_EQ(decision->chosen, std::vector<unsigned>{2});
-  EXPECT_NE(decision->verdicts[1].reason.find("not visible"), std::string::npos);
+  EXPECT_NE(decision->verdicts[1].reason.find("outside CUDA_VISIBLE_DEVICES"), std::string::npos);
 }
 
 TEST(SelectGpus, UnhealthyGpuIsPassedOverWithItsError) {
