@@ -242,7 +242,7 @@ def test_waiters_are_served_first_come_first_served(gpuslot, spawn, host, tmp_pa
     assert read_text(order).split() == ["A", "B", "C"]
 
 
-def test_a_small_request_does_not_overtake_an_earlier_waiter(gpuslot, spawn, host, tmp_path):
+def test_a_small_request_does_not_overtake_an_earlier_waiter(gpuslot, gpuslot_path, spawn, host, tmp_path):
     """3.76 GiB are free beside a 20G holder: a 1G waiter would fit now, but a 10G waiter came
     first, so the 1G one waits behind it (a big request is never starved by small ones)."""
     host_path = host("1x4090")
@@ -250,17 +250,20 @@ def test_a_small_request_does_not_overtake_an_earlier_waiter(gpuslot, spawn, hos
     spawn("run", "--mem", "20G", "--", "sh", "-c", 'while [ ! -e "$GO" ]; do sleep 0.02; done', host=host_path,
           env={"GO": go})
     wait_for_leases(gpuslot, host_path, 1)
-    big = spawn("run", "--mem", "10G", "--wait", "--", "sh", "-c", 'echo big >> "$ORDER"', host=host_path,
+    big = spawn("run", "--mem", "10G", "--wait", "--", "sh", "-c", 'echo big >> "$ORDER"; sleep 1', host=host_path,
                 env={"ORDER": order})
     wait_waiting(big)
-    small = spawn("run", "--mem", "1G", "--wait", "--", "sh", "-c", 'echo small >> "$ORDER"', host=host_path,
-                  env={"ORDER": order})
+    # Once the room frees both fit, so their commands may print in either order; what must hold is
+    # that the small one starts only after the big one's lease exists.
+    small = spawn("run", "--mem", "1G", "--wait", "--", "sh", "-c",
+                  '"$GPUSLOT" leases --json | grep -q \'"reserved": 10737418240\' && echo small >> "$ORDER"',
+                  host=host_path, env={"ORDER": order, "GPUSLOT": str(gpuslot_path)})
     wait_waiting(small)
     time.sleep(0.5)
     assert read_text(order) == ""
     go.touch()
     assert (big.wait(timeout=10), small.wait(timeout=10)) == (0, 0)
-    assert read_text(order).split() == ["big", "small"]
+    assert sorted(read_text(order).split()) == ["big", "small"], "the 1G launch started before the 10G one's lease"
 
 
 def test_a_killed_waiter_leaves_the_queue(gpuslot, spawn, host, tmp_path):
