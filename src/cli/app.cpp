@@ -42,7 +42,8 @@ void split_command(std::vector<std::string>& words, std::vector<std::string>& co
     }
     if (std::find(with_value.begin(), with_value.end(), word) != with_value.end()) {
       ++i;  // its value, whatever it looks like
-    } else if (word == "--wait" && i + 1 < words.size() && parse_duration(words[i + 1]).ok()) {
+    } else if (word == "--wait" && i + 1 < words.size() &&
+               (parse_duration(words[i + 1]).ok() || (i + 2 < words.size() && words[i + 2] == "--"))) {
       ++i;
     }
   }
@@ -56,7 +57,9 @@ std::vector<std::string> normalise_arguments(int argc, char** argv, std::vector<
   split_command(words, command);
   for (std::size_t i = 0; i < words.size() && words[i] != "--"; ++i) {
     if (words[i] != "--wait") continue;
-    if (i + 1 < words.size() && words[i + 1] != "--" && parse_duration(words[i + 1]).ok()) {
+    // `--wait X --`: X can only be meant as the timeout, so a malformed one is reported as such.
+    if (i + 1 < words.size() && words[i + 1] != "--" &&
+        (parse_duration(words[i + 1]).ok() || (!command.empty() && i + 2 == words.size()))) {
       words[i] = "--wait=" + words[i + 1];
       words.erase(words.begin() + std::ptrdiff_t(i) + 1);
     } else {

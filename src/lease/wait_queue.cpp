@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 
@@ -41,6 +42,28 @@ struct Ticket {
   }
 };
 
+// wait-<ns>-<pid>.ticket -> pid
+pid_t pid_of_ticket(const std::string& name) {
+  const auto dash = name.rfind('-');
+  return dash == std::string::npos ? 0 : pid_t(std::strtol(name.c_str() + dash + 1, nullptr, 10));
+}
+
+// True if the process is stopped ('T') or traced-stopped ('t'), from /proc/<pid>/stat.
+bool is_stopped(pid_t pid) {
+  if (pid <= 0) return false;
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", int(pid));
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  char buffer[512];
+  const ssize_t n = ::read(fd, buffer, sizeof buffer - 1);
+  ::close(fd);
+  if (n <= 0) return false;
+  buffer[n] = '\0';
+  const char* close = std::strrchr(buffer, ')');
+  return close != nullptr && close[1] == ' ' && (close[2] == 'T' || close[2] == 't');
+}
+
 // Live tickets in arrival order (full paths); dead ones are removed where this user may.
 std::vector<std::string> live_tickets(const std::string& directory) {
   std::vector<std::string> tickets;
@@ -54,8 +77,12 @@ std::vector<std::string> live_tickets(const std::string& directory) {
     if (fd < 0) continue;
     const bool live = is_locked_by_someone(fd);
     ::close(fd);
-    if (live) tickets.push_back(path);
-    else ::unlink(path.c_str());
+    if (!live) {
+      ::unlink(path.c_str());
+    } else if (!is_stopped(pid_of_ticket(name))) {
+      // A stopped waiter (Ctrl-Z, SIGSTOP) keeps its place but must not hold up the queue.
+      tickets.push_back(path);
+    }
   }
   ::closedir(dir);
   std::sort(tickets.begin(), tickets.end());

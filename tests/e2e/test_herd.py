@@ -121,8 +121,9 @@ def test_herd_of_64_waiting_runs_never_overcommits(gpuslot_path, fake_gpu_job, f
 
 
 def test_control_plain_pick_without_a_lease_races(gpuslot_path, fake_gpu_job, fake_env, host):
-    """The same herd through `pick` alone: every picker sees the same freest GPU before any job has
-    allocated, so many die of out-of-memory (or find no GPU at all once the cards fill)."""
+    """The same herd through `pick` alone: pickers see the same freest GPU before the jobs they
+    launched have allocated, so some die of out-of-memory; once the cards are full the rest find
+    no GPU at all. How many of the failures are out-of-memory depends on timing (4 to 20 here)."""
     host_path = host("4x24g")
     job = 'CUDA_VISIBLE_DEVICES=$("$GS" pick --mem 10G) exec "$JOB" --mem 10G --seconds 1'
     envs = [fake_env(host_path, GS=gpuslot_path, JOB=fake_gpu_job) for _ in range(JOBS)]
@@ -130,5 +131,34 @@ def test_control_plain_pick_without_a_lease_races(gpuslot_path, fake_gpu_job, fa
     out_of_memory = sum("CUDA out of memory" in err for _, _, err in results)
     failed = sum(rc != 0 for rc, _, _ in results)
     print("control: %d of %d failed, %d with out-of-memory, in %.1f s" % (failed, JOBS, out_of_memory, wall))
-    assert out_of_memory >= 8, "expected the race to show: only %d out-of-memory failures" % out_of_memory
-    assert failed >= JOBS - SLOTS * 2, "only %d of %d failed without leases" % (failed, JOBS)
+    assert out_of_memory >= 1, "expected the race to show: no out-of-memory failure"
+    assert failed >= JOBS - 2 * SLOTS, "only %d of %d failed without leases" % (failed, JOBS)
+
+
+def test_control_plain_pick_races_when_jobs_load_after_picking(gpuslot_path, fake_gpu_job, fake_env, host, tmp_path):
+    """The seed scenario exactly: all 64 pick while none has loaded its model yet (a barrier
+    between pick and allocation stands for the loading time). Every one sees four empty GPUs and
+    takes GPU 0, so all but two die of out-of-memory."""
+    host_path = host("4x24g")
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    ready.mkdir()
+    job = ('gpu=$("$GS" pick --mem 10G); touch "$READY/$$"; while [ ! -e "$GO" ]; do sleep 0.01; done; '
+           'CUDA_VISIBLE_DEVICES=$gpu exec "$JOB" --mem 10G --seconds 1')
+    envs = [fake_env(host_path, GS=gpuslot_path, JOB=fake_gpu_job, READY=ready, GO=go) for _ in range(JOBS)]
+    processes = [subprocess.Popen(["sh", "-c", job], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for env in envs]
+    try:
+        deadline = time.monotonic() + 30
+        while len(os.listdir(ready)) < JOBS and time.monotonic() < deadline:
+            time.sleep(0.02)
+        go.touch()
+        outputs = [process.communicate(timeout=60) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    out_of_memory = sum("CUDA out of memory" in err for _, err in outputs)
+    succeeded = sum(process.returncode == 0 for process in processes)
+    print("control with loading time: %d succeeded, %d out-of-memory" % (succeeded, out_of_memory))
+    assert (succeeded, out_of_memory) == (2, JOBS - 2)

@@ -354,6 +354,8 @@ def test_pick_hold_lease_outlives_pick_and_expires(gpuslot, host):
     assert lease["expires_at_ms"] is not None and 1500 <= lease["expires_at_ms"] - began * 1000 <= 2500
     assert gpuslot("pick", "--mem", "20G", host=host_path).returncode == 1  # held room is not offered again
     assert status(gpuslot, host_path)["gpus"][0]["memory"]["reserved"] == 10 * GiB
+    nothing = gpuslot("pick", "--mem", "20G", "--hold", "5s", host=host_path)
+    assert nothing.returncode == 1 and nothing.stdout == "" and len(leases(gpuslot, host_path)) == 1
     time.sleep(max(0.0, lease["expires_at_ms"] / 1000 - time.time()) + 0.2)
     assert leases(gpuslot, host_path) == []
     assert gpuslot("pick", "--mem", "20G", host=host_path).returncode == 0

@@ -209,6 +209,25 @@ def test_nothing_fits_exits_1_at_once_with_the_reason(gpuslot, spawn, host, tmp_
     assert not (tmp_path / "never").exists()
 
 
+def test_waiting_cannot_help_an_impossible_request(gpuslot, host, tmp_path):
+    began = time.monotonic()
+    result = gpuslot("run", "--mem", "30G", "--wait", "--", "touch", tmp_path / "never", host=host("1x4090"))
+    assert result.returncode == 1 and time.monotonic() - began < 2.0
+    assert "largest visible GPU" in result.stderr and "waiting:" not in result.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_malformed_wait_timeout_is_bad_input_not_the_command(gpuslot, host, tmp_path):
+    """`--wait 10mins -- CMD`: the word between --wait and `--` can only be the timeout. It must be
+    refused as a malformed duration (exit 2, saying what is accepted), not become the command
+    (today gpuslot takes a lease and tries to execute "10mins": exit 127)."""
+    marker = tmp_path / "ran"
+    result = gpuslot("run", "--mem", "1G", "--wait", "10mins", "--", "touch", marker, host=host("4x24g"))
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "10mins" in result.stderr and "duration" in result.stderr, result.stderr
+    assert not marker.exists()
+
+
 def test_wait_timeout_exits_124_with_pending_reason_announced_once(gpuslot, spawn, host, tmp_path):
     host_path = host("1x4090")
     spawn("run", "--mem", "20G", "--", "sleep", "30", host=host_path)
@@ -283,6 +302,34 @@ def test_a_killed_waiter_leaves_the_queue(gpuslot, spawn, host, tmp_path):
     go.touch()
     assert after.wait(timeout=10) == 0
     assert float(read_text(started)) - released_at < 1.0
+
+
+def test_a_stopped_waiter_does_not_block_the_queue(gpuslot, spawn, host, tmp_path):
+    """A waiter suspended with Ctrl-Z or SIGSTOP keeps its ticket locked but cannot take its turn.
+    Like a dead waiter it must not hold up everyone queued behind it (today the whole host's
+    queue stalls until it is resumed). Suggested rule: a ticket whose process is stopped (state
+    T/t in /proc/<pid>/stat; the pid is in the ticket's name) does not count as ahead."""
+    host_path = host("1x4090")
+    go, started = tmp_path / "go", tmp_path / "started"
+    spawn("run", "--mem", "20G", "--", "sh", "-c", 'while [ ! -e "$GO" ]; do sleep 0.02; done', host=host_path,
+          env={"GO": go})
+    wait_for_leases(gpuslot, host_path, 1)
+    stopped = spawn("run", "--mem", "20G", "--wait", "--", "true", host=host_path)
+    wait_waiting(stopped)
+    after = spawn("run", "--mem", "20G", "--wait", "--", "sh", "-c", 'date +%s.%N > "$STARTED"', host=host_path,
+                  env={"STARTED": started})
+    wait_waiting(after)
+    os.kill(stopped.pid, signal.SIGSTOP)
+    try:
+        released_at = time.time()
+        go.touch()
+        try:
+            after.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the launch queued behind a stopped waiter did not start within 3 s of the room freeing")
+        assert float(read_text(started)) - released_at < 1.0
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
 
 
 def test_waiter_starts_promptly_when_the_holder_ends(gpuslot, spawn, host, tmp_path):
