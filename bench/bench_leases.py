@@ -18,7 +18,8 @@
    (most jobs at once on one GPU from job records, out-of-memory failures, jobs per GPU against
    the ideal 16), and wall time against ideal = 64 x 2 s / 8 slots = 16 s.
 3. The control: the same herd through plain `CUDA_VISIBLE_DEVICES=$(gpuslot pick --mem 10G)`,
-   no lease: its out-of-memory count.
+   no lease: its out-of-memory count; and once more with every job picking before any allocates
+   (a barrier between pick and allocation stands for the model-loading time of the seed race).
 
 Targets (issue "leases"): p99 reserve latency under 20 ms at 64 concurrent launches; herd wall
 within 1.15 x ideal; herd overcommit 0. Prints a Markdown report on stdout.
@@ -76,16 +77,19 @@ class Bench:
 
     # --- 1. reserve latency ------------------------------------------------------------------
 
-    def burst(self, argv_of, env, count):
+    def burst(self, argv_of, env, count, stdout_of=None):
         """Spawns count processes back to back (posix_spawn), reaps them; returns
-        [(spawned_at_realtime, latency_s)]."""
+        [(spawned_at_realtime, latency_s)]. stdout_of(i): a file for process i's stdout."""
         started = {}
         for i in range(count):
             argv = argv_of(i)
+            actions = [(os.POSIX_SPAWN_DUP2, self.devnull, 2)]
+            if stdout_of is None:
+                actions.append((os.POSIX_SPAWN_DUP2, self.devnull, 1))
+            else:
+                actions.append((os.POSIX_SPAWN_OPEN, 1, str(stdout_of(i)), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
             wall, mono = time.time(), time.monotonic()
-            pid = os.posix_spawn(argv[0], argv, env,
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, self.devnull, 1),
-                                               (os.POSIX_SPAWN_DUP2, self.devnull, 2)])
+            pid = os.posix_spawn(argv[0], argv, env, file_actions=actions)
             started[pid] = (i, wall, mono)
         results = [None] * count
         for _ in range(count):
@@ -106,12 +110,15 @@ class Bench:
             gpuslot = str(self.gpuslot)
             launch, run_total, version, pick = [], [], [], []
             self.burst(lambda i: [gpuslot, "run", "--mem", "1M", "--", "/bin/true"], env, 1)  # warm caches
+            date = shutil.which("date") or "/bin/date"
             for repetition in range(repetitions):
-                def with_mark(i, repetition=repetition):
-                    return [gpuslot, "run", "--mem", "1M", "--", "/usr/bin/touch", str(marks / ("%d-%d" % (repetition, i)))]
-                for i, (spawned, _) in enumerate(self.burst(with_mark, env, count)):
-                    launched = os.stat(marks / ("%d-%d" % (repetition, i))).st_mtime_ns / 1e9
-                    launch.append(launched - spawned)
+                def mark_of(i, repetition=repetition):
+                    return marks / ("%d-%d" % (repetition, i))
+                # The child prints the time it runs (CLOCK_REALTIME, ns) into gpuslot's stdout file.
+                spawned = self.burst(lambda i: [gpuslot, "run", "--mem", "1M", "--", date, "+%s.%N"], env, count,
+                                     stdout_of=mark_of)
+                for i, (spawned_at, _) in enumerate(spawned):
+                    launch.append(float(mark_of(i).read_text()) - spawned_at)
                 run_total += [lat for _, lat in self.burst(lambda i: [gpuslot, "run", "--mem", "1M", "--", "/bin/true"], env, count)]
                 version += [lat for _, lat in self.burst(lambda i: [gpuslot, "--version"], env, count)]
                 pick += [lat for _, lat in self.burst(lambda i: [gpuslot, "pick", "--mem", "1M"], env, count)]
@@ -127,25 +134,24 @@ class Bench:
         waits, holds, startup = [], [], []
         for repetition in range(repetitions):
             trace = folder / ("trace-%d" % repetition)
-            script = "for i in $(seq %d); do \"$GS\" run --mem 1M -- /bin/true & done; wait" % count
+            if count == 1:  # one after the other: the uncontended cost
+                script = "for i in $(seq 32); do \"$GS\" run --mem 1M -- /bin/true; done"
+            else:
+                script = "for i in $(seq %d); do \"$GS\" run --mem 1M -- /bin/true & done; wait" % count
             subprocess.run([strace, "-f", "--seccomp-bpf", "-qq", "-ttt", "-T", "-e", "trace=execve,flock,rename",
                             "-o", str(trace), "sh", "-c", script], env={**env, "GS": str(self.gpuslot)},
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             exec_at, lock_at = {}, {}
-            for line in trace.read_text().splitlines():
-                match = re.match(r"(\d+)\s+([\d.]+)\s+(\w+)\((.*)<([\d.]+)>$", line)
-                if not match:
-                    continue
-                pid, at, call, args, took = match.group(1), float(match.group(2)), match.group(3), match.group(4), float(match.group(5))
-                if call == "execve" and str(self.gpuslot) in args and "= 0" in args:
-                    exec_at[pid] = at
-                elif call == "flock" and "LOCK_EX)" in args and "LOCK_NB" not in args:
+            for pid, call, began, took, text in strace_calls(trace.read_text()):
+                if call == "execve" and str(self.gpuslot) in text and "= 0" in text:
+                    exec_at[pid] = began + took
+                elif call == "flock" and "LOCK_EX" in text and "LOCK_NB" not in text:
                     waits.append(took)
-                    lock_at[pid] = at + took
+                    lock_at[pid] = began + took
                     if pid in exec_at:
-                        startup.append(at - exec_at[pid])
-                elif call == "rename" and "/lease-" in args and pid in lock_at:
-                    holds.append(at + took - lock_at.pop(pid))
+                        startup.append(began - exec_at.pop(pid))
+                elif call == "rename" and "/lease-" in text and pid in lock_at:
+                    holds.append(began + took - lock_at.pop(pid))
         return {"count": count, "samples": len(holds), "wait": waits, "hold": holds, "startup": startup}
 
     # --- 2./3. the herd and its control ------------------------------------------------------
@@ -184,13 +190,27 @@ class Bench:
             "spread": max(per_gpu.values()) - min(per_gpu.values()) if per_gpu else 0,
         }
 
-    def control(self, jobs=64, seconds=2):
+    def control(self, jobs=64, seconds=2, loading=False):
+        """loading: every job picks, then waits until all have picked before allocating (the model
+        loading time of the seed scenario: none has allocated when the others pick)."""
         folder, env = self.fresh("4x24g")
-        script = 'CUDA_VISIBLE_DEVICES=$("$GS" pick --mem 10G) exec "$JOB" --mem 10G --seconds ' + str(seconds)
+        ready, go = folder / "ready", folder / "go"
+        ready.mkdir()
+        if loading:
+            script = ('gpu=$("$GS" pick --mem 10G); touch "$READY/$$"; while [ ! -e "$GO" ]; do sleep 0.01; done; '
+                      'CUDA_VISIBLE_DEVICES=$gpu exec "$JOB" --mem 10G --seconds ' + str(seconds))
+        else:
+            script = 'CUDA_VISIBLE_DEVICES=$("$GS" pick --mem 10G) exec "$JOB" --mem 10G --seconds ' + str(seconds)
         began = time.monotonic()
-        processes = [subprocess.Popen(["sh", "-c", script], env={**env, "GS": str(self.gpuslot), "JOB": str(self.job)},
+        processes = [subprocess.Popen(["sh", "-c", script],
+                                      env={**env, "GS": str(self.gpuslot), "JOB": str(self.job), "READY": str(ready),
+                                           "GO": str(go)},
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                      for _ in range(jobs)]
+        if loading:
+            while len(os.listdir(ready)) < jobs and time.monotonic() - began < 60:
+                time.sleep(0.01)
+            go.touch()
         errors = [process.communicate()[1] for process in processes]
         return {
             "wall": time.monotonic() - began,
@@ -198,6 +218,30 @@ class Bench:
             "oom": sum("CUDA out of memory" in error for error in errors),
             "no_gpu": sum("No CUDA GPUs are available" in error for error in errors),
         }
+
+
+def strace_calls(text):
+    """(pid, call, start, duration, text) per completed system call in `strace -f -ttt -T` output,
+    joining "<unfinished ...>" and "<... resumed>" halves."""
+    pending = {}
+    for line in text.splitlines():
+        match = re.match(r"(\d+)\s+([\d.]+)\s+(.*)$", line)
+        if not match:
+            continue
+        pid, at, rest = match.group(1), float(match.group(2)), match.group(3)
+        if rest.endswith("<unfinished ...>"):
+            call = rest.split("(", 1)[0]
+            pending[(pid, call)] = (at, rest)
+            continue
+        resumed = re.match(r"<\.\.\. (\w+) resumed>(.*)<([\d.]+)>$", rest)
+        if resumed:
+            call = resumed.group(1)
+            began, first = pending.pop((pid, call), (at, ""))
+            yield pid, call, began, float(resumed.group(3)), first + resumed.group(2)
+            continue
+        complete = re.match(r"(\w+)\((.*)<([\d.]+)>$", rest)
+        if complete:
+            yield pid, complete.group(1), at, float(complete.group(3)), rest
 
 
 def max_overlap(intervals):
@@ -239,13 +283,14 @@ def main():
                                                       summary_ms(version), summary_ms(pick)))
             sys.stdout.flush()
         if not options.no_strace:
-            profile = bench.lock_profile(64, 2 if options.quick else 4)
-            if profile and profile["samples"]:
-                print("\nhost lock at 64 concurrent (strace on execve/flock/rename only; %d launches): "
-                      "start-up to lock request %s ms, wait for the lock %s ms, lock held until the lease is "
-                      "published %s ms (median / p99)" % (
-                          profile["samples"], summary_ms(profile["startup"]), summary_ms(profile["wait"]),
-                          summary_ms(profile["hold"])))
+            print("\nhost lock (strace --seccomp-bpf on execve/flock/rename only; ms, median / p99):\n")
+            print("| concurrent | launches | exec -> lock request | wait for the lock | lock held until the lease is published |")
+            print("|---:|---:|---:|---:|---:|")
+            for count in (1, 64):
+                profile = bench.lock_profile(count, 2 if options.quick else 4)
+                if profile and profile["samples"]:
+                    print("| %d | %d | %s | %s | %s |" % (count, profile["samples"], summary_ms(profile["startup"]),
+                                                       summary_ms(profile["wait"]), summary_ms(profile["hold"])))
         print("\n### 2./3. the herd (64 x 10 GiB x 2 s on tests/hosts/4x24g.json) and the control\n")
         print("| run | wall s | wall / ideal 16 s | failed | OOM | internal errors | most jobs at once on a GPU | jobs per GPU (ideal 16) |")
         print("|---|---:|---:|---:|---:|---:|---:|---|")
@@ -262,6 +307,9 @@ def main():
             print("| control %d (pick, no lease) | %.2f | | %d | %d | | | %d found no GPU |" % (
                 repetition + 1, result["wall"], result["failed"], result["oom"], result["no_gpu"]))
             sys.stdout.flush()
+        result = bench.control(loading=True)
+        print("| control, all pick before any loads (pick, no lease) | %.2f | | %d | %d | | | %d found no GPU |" % (
+            result["wall"], result["failed"], result["oom"], result["no_gpu"]))
     finally:
         shutil.rmtree(bench.work, ignore_errors=True)
 
