@@ -17,11 +17,17 @@ Fixtures
                     the fake NVML (extra=None removes a variable)
     gpuslot         gpuslot(*args, host=..., env=..., input=None, check=None) -> CompletedProcess
     write_host      write_host(path, dict): atomic rewrite of a host file (also importable)
+    spawn           spawn(*argv, host=Path, env={}, program=None) -> Popen of a background gpuslot
+                    (or of `argv` itself with program=True), in its own session; killed at teardown
+
+Importable helpers: wait_until, read_text, leases, wait_for_leases, wait_waiting.
 """
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +170,66 @@ def gpuslot(gpuslot_path, fake_env, host):
 @pytest.fixture(name="write_host")
 def write_host_fixture():
     return write_host
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
+    """Polls `predicate` until it returns something true (returned) or fails the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail("timed out after %.1f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def read_text(path):
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def leases(gpuslot, host):
+    """The live leases as `gpuslot leases --json` lists them."""
+    return json.loads(gpuslot("leases", "--json", host=host, check=0).stdout)["leases"]
+
+
+def wait_for_leases(gpuslot, host, count):
+    return wait_until(lambda: (lambda found: found if len(found) == count else None)(leases(gpuslot, host)),
+                      what="%d lease(s)" % count)
+
+
+def wait_waiting(process):
+    """Until a `run --wait` process has announced that it waits (so it holds its queue ticket)."""
+    wait_until(lambda: "waiting:" in process.stderr_text(), what="'waiting:' from pid %d" % process.pid)
+
+
+@pytest.fixture
+def spawn(gpuslot_path, fake_env, tmp_path):
+    """spawn(*argv, host=Path, env={}, program=None) -> Popen in its own session; argv are
+    gpuslot's arguments unless `program` is given (then argv is the whole command). Output goes
+    to files (p.out_path, p.err_path; p.stderr_text()). Every group started is SIGKILLed at
+    teardown."""
+    started = []
+
+    def start(*args, host, env=None, program=None):
+        index = len(started)
+        out_path, err_path = tmp_path / ("bg%d.out" % index), tmp_path / ("bg%d.err" % index)
+        argv = [*map(str, args)] if program else [str(gpuslot_path), *map(str, args)]
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            process = subprocess.Popen(argv, env=fake_env(host, **(env or {})), stdout=out, stderr=err,
+                                       start_new_session=True)
+        process.out_path, process.err_path = out_path, err_path
+        process.stderr_text = lambda: read_text(err_path)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()

@@ -16,65 +16,13 @@ import uuid as uuid_module
 
 import pytest
 
+from conftest import wait_until, read_text, leases, wait_for_leases
+
 GiB = 1 << 30
 IS_ROOT = os.geteuid() == 0
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail("timed out after %.1f s waiting for %s" % (timeout, what))
-        time.sleep(interval)
-
-
-def read_text(path):
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return ""
-
-
-@pytest.fixture
-def spawn(gpuslot_path, fake_env, tmp_path):
-    """spawn(*argv, host=Path, env={}, program=None) -> Popen in its own session; argv are
-    gpuslot's arguments unless `program` is given (then argv is the whole command). Output goes
-    to files (p.out_path, p.err_path). Every group started is SIGKILLed at teardown."""
-    started = []
-
-    def start(*args, host, env=None, program=None):
-        index = len(started)
-        out_path, err_path = tmp_path / ("bg%d.out" % index), tmp_path / ("bg%d.err" % index)
-        argv = [*map(str, args)] if program else [str(gpuslot_path), *map(str, args)]
-        with open(out_path, "w") as out, open(err_path, "w") as err:
-            process = subprocess.Popen(argv, env=fake_env(host, **(env or {})), stdout=out, stderr=err,
-                                       start_new_session=True)
-        process.out_path, process.err_path = out_path, err_path
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
-
-
-def leases(gpuslot, host):
-    return json.loads(gpuslot("leases", "--json", host=host, check=0).stdout)["leases"]
-
-
-def wait_for_leases(gpuslot, host, count):
-    return wait_until(lambda: (lambda found: found if len(found) == count else None)(leases(gpuslot, host)),
-                      what="%d lease(s)" % count)
 
 
 def status(gpuslot, host):

@@ -18,21 +18,12 @@ import time
 
 import pytest
 
+from conftest import wait_until
+
 GiB = 1 << 30
 USERS = ("gpuslot-a", "gpuslot-b")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users")
-
-
-def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail("timed out after %.1f s waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")

@@ -14,70 +14,12 @@ import time
 
 import pytest
 
+from conftest import wait_until, read_text, leases, wait_for_leases, wait_waiting
+
 GiB = 1 << 30
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail("timed out after %.1f s waiting for %s" % (timeout, what))
-        time.sleep(interval)
-
-
-def read_text(path):
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return ""
-
-
-@pytest.fixture
-def spawn(gpuslot_path, fake_env, tmp_path):
-    """spawn(*gpuslot_args, host=Path, env={}) -> Popen of a background `gpuslot`, in its own
-    session, stdout/stderr to files (p.out_path / p.err_path). Killed (its group) at teardown."""
-    started = []
-    counter = [0]
-
-    def start(*args, host, env=None):
-        counter[0] += 1
-        out_path = tmp_path / ("bg%d.out" % counter[0])
-        err_path = tmp_path / ("bg%d.err" % counter[0])
-        with open(out_path, "w") as out, open(err_path, "w") as err:
-            process = subprocess.Popen([str(gpuslot_path), *map(str, args)], env=fake_env(host, **(env or {})),
-                                       stdout=out, stderr=err, start_new_session=True)
-        process.out_path, process.err_path = out_path, err_path
-        process.stderr_text = lambda: read_text(err_path)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
-
-
-def leases(gpuslot, host):
-    return json.loads(gpuslot("leases", "--json", host=host, check=0).stdout)["leases"]
-
-
-def wait_for_leases(gpuslot, host, count):
-    return wait_until(lambda: (lambda found: found if len(found) == count else None)(leases(gpuslot, host)),
-                      what="%d lease(s)" % count)
-
-
-def wait_waiting(process):
-    """Until a `run --wait` process has announced that it waits (so it holds its queue ticket)."""
-    wait_until(lambda: "waiting:" in process.stderr_text(), what="'waiting:' from pid %d" % process.pid)
 
 
 def env_of(path):
