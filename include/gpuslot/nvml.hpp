@@ -68,9 +68,8 @@ class NvmlLibrary {
   Result<unsigned> power_mw(Handle device);
   Result<std::vector<NvmlProcess>> compute_processes(Handle device);
 
-  // The NVML code of the last failed call's Error (GPU_IS_LOST = 15, …), for health decisions.
+  // Error::nvml_code of a lost GPU, for health decisions.
   static constexpr int kGpuIsLost = 15;
-  static constexpr int kNotSupported = 3;
 
   struct Impl;
 

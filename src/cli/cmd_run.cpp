@@ -48,12 +48,21 @@ void forward_signal(int signal_number, siginfo_t* info, void*) {
   if (g_child > 0 && info != nullptr && info->si_code <= 0) ::kill(pid_t(g_child), signal_number);
 }
 
+constexpr int kForwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
+
+sigset_t forwarded_set() {
+  sigset_t set;
+  sigemptyset(&set);
+  for (int signal_number : kForwarded) sigaddset(&set, signal_number);
+  return set;
+}
+
 void install_forwarding() {
   struct sigaction action {};
   action.sa_sigaction = forward_signal;
   action.sa_flags = SA_SIGINFO | SA_RESTART;
   sigemptyset(&action.sa_mask);
-  for (int signal_number : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2}) sigaction(signal_number, &action, nullptr);
+  for (int signal_number : kForwarded) sigaction(signal_number, &action, nullptr);
 }
 
 std::vector<std::string> child_environment(const ChildGpuEnv& gpu_env, const std::string& lease_id) {
@@ -101,7 +110,8 @@ int wait_for_child(Context& context, pid_t child, const LeaseRecord& record, boo
     }
     if (pidfd >= 0) {
       pollfd descriptor{pidfd, POLLIN, 0};
-      ::poll(&descriptor, 1, 1000);
+      // Readable means the child exited: reap it (and release the lease) before anything else.
+      if (::poll(&descriptor, 1, 1000) > 0 && (descriptor.revents & POLLIN) != 0) continue;
     } else {
       ::poll(nullptr, 0, 100);
     }
@@ -166,19 +176,29 @@ void run_run(Context& context, RunOptions& options) {
   argv.push_back(nullptr);
 
   std::fflush(nullptr);
+  // Signals stay blocked from before the fork until the child's pid is known, so a SIGTERM sent
+  // at launch is delivered (and forwarded) afterwards instead of being lost.
+  const sigset_t forwarded = forwarded_set();
+  sigset_t previous;
+  sigprocmask(SIG_BLOCK, &forwarded, &previous);
   install_forwarding();
   const pid_t child = ::fork();
-  if (child < 0) throw CommandError(make_error(Errc::state, std::string("cannot start the command: ") + std::strerror(errno)));
+  if (child < 0) {
+    sigprocmask(SIG_SETMASK, &previous, nullptr);
+    throw CommandError(make_error(Errc::state, std::string("cannot start the command: ") + std::strerror(errno)));
+  }
   if (child == 0) {
     struct sigaction defaults {};
     defaults.sa_handler = SIG_DFL;
-    for (int signal_number : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2}) sigaction(signal_number, &defaults, nullptr);
+    for (int signal_number : kForwarded) sigaction(signal_number, &defaults, nullptr);
+    sigprocmask(SIG_SETMASK, &previous, nullptr);
     ::execvpe(argv[0], argv.data(), envp.data());
     const int error = errno;
     std::fprintf(stderr, "gpuslot: cannot run '%s': %s\n", argv[0], std::strerror(error));
     ::_exit(error == ENOENT ? 127 : 126);  // the shell's conventions
   }
   g_child = child;
+  sigprocmask(SIG_SETMASK, &previous, nullptr);
   context.exit_code = wait_for_child(context, child, record, options.enforce);
   g_child = 0;
   reservation.lease->release();

@@ -12,12 +12,7 @@
 
 namespace gpuslot::lease_internal {
 
-// Opens `path` for the host lock or a shared file: without O_CREAT when it exists (so that
-// fs.protected_regular does not refuse another user's file in a sticky directory), else creates
-// it with `mode` regardless of umask. Refuses symlinks and group/world-writable files.
-Result<int> open_shared_file(const std::string& path, mode_t mode);
-
-// Holds the host-wide lock for its lifetime (flock on <dir>/ledger.lock).
+// Holds the host-wide lock for its lifetime (flock on the state directory itself).
 class HostLock {
  public:
   static Result<HostLock> acquire(const std::string& directory);
@@ -48,10 +43,15 @@ std::int64_t now_ms();
 // Parent pid of a process from /proc (nullopt if gone). Cached per call site via the map.
 std::optional<pid_t> parent_of(pid_t pid, std::unordered_map<pid_t, pid_t>& cache);
 
-// Select-and-reserve with the host lock already held. `take` = false only decides (to describe
-// why a waiter waits) and writes nothing.
-Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request, const SnapshotSource& snapshot_source,
-                                   const VisibilityOf& visibility_of, bool take, std::vector<std::string>* warnings);
+// Who holds a lease about to be taken (pid, start time, uid, user, command): read from /proc
+// and /etc/passwd, so it is prepared before the host lock.
+LeaseRecord holder_identity(const ReserveRequest& request);
+
+// Select-and-reserve with the host lock already held, on a snapshot that may predate the lock.
+// `take` = false only decides (to describe why a waiter waits) and writes nothing.
+Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request, const LeaseRecord& identity,
+                                   Snapshot snapshot, const VisibilityOf& visibility_of, bool take,
+                                   std::vector<std::string>* warnings);
 
 // Session id of a process from /proc (nullopt if gone).
 std::optional<pid_t> session_of(pid_t pid);

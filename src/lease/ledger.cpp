@@ -147,52 +147,62 @@ OutstandingReservations Ledger::outstanding(std::vector<LeaseRecord>& leases, co
 
 Result<Reservation> Ledger::reserve(const ReserveRequest& request, const SnapshotSource& snapshot_source,
                                     const VisibilityOf& visibility_of, std::vector<std::string>* warnings) {
+  // NVML and /etc/passwd are read before the lock (see reserve_locked), so the lock is held only
+  // for listing leases, deciding and publishing.
+  auto snapshot = snapshot_source();
+  if (!snapshot) return std::move(snapshot).error();
+  const LeaseRecord identity = holder_identity(request);
   auto lock = HostLock::acquire(directory_);
   if (!lock) return lock.error();
-  return reserve_locked(*this, request, snapshot_source, visibility_of, /*take=*/true, warnings);
+  return reserve_locked(*this, request, identity, std::move(*snapshot), visibility_of, /*take=*/true, warnings);
 }
 
 namespace lease_internal {
 
-Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request, const SnapshotSource& snapshot_source,
-                                   const VisibilityOf& visibility_of, bool take, std::vector<std::string>* warnings) {
-  const std::string& directory_ = ledger.directory();
+LeaseRecord holder_identity(const ReserveRequest& request) {
+  LeaseRecord record;
+  record.holder_pid = request.owner_pid > 0 ? request.owner_pid : ::getpid();
+  record.holder_start_ticks = process_start_ticks(record.holder_pid).value_or(0);
+  record.uid = ::geteuid();
+  record.user = user_name(record.uid);
+  record.reserved_bytes = request.requirements.memory_bytes;
+  record.command = request.command;
+  if (request.hold) record.holder_session = request.owner_session;
+  return record;
+}
+
+Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request, const LeaseRecord& identity,
+                                   Snapshot snapshot, const VisibilityOf& visibility_of, bool take,
+                                   std::vector<std::string>* warnings) {
+  // `snapshot` may predate the lock. That errs only on the safe side: a lease published since is
+  // in `leases` with none of its memory yet in the snapshot, so it is charged in full; memory
+  // freed since still shows as used.
+  const std::string& directory = ledger.directory();
   std::vector<LeaseRecord> leases = ledger.live_leases(warnings);
-  auto snapshot = snapshot_source();
-  if (!snapshot) return std::move(snapshot).error();
-  const OutstandingReservations reservations = Ledger::outstanding(leases, *snapshot);
+  const OutstandingReservations reservations = Ledger::outstanding(leases, snapshot);
 
   // A `pick --hold` lease whose memory has shown up has done its job: end it early.
   for (const auto& lease : leases) {
     if (lease.expires_at_ms && lease.in_use_bytes >= lease.reserved_bytes * lease.gpu_uuids.size()) ::unlink(lease.path.c_str());
   }
 
-  auto decision = select_gpus(request.requirements, *snapshot, visibility_of(*snapshot), reservations);
+  auto decision = select_gpus(request.requirements, snapshot, visibility_of(snapshot), reservations);
   if (!decision) return std::move(decision).error();
-  Reservation reservation{std::move(*decision), std::move(*snapshot), nullptr};
+  Reservation reservation{std::move(*decision), std::move(snapshot), nullptr};
   if (!reservation.decision.fits() || !take) return reservation;
 
-  LeaseRecord record;
+  LeaseRecord record = identity;
   record.id = new_lease_id();
-  record.holder_pid = request.owner_pid > 0 ? request.owner_pid : ::getpid();
-  record.holder_start_ticks = process_start_ticks(record.holder_pid).value_or(0);
-  record.uid = ::geteuid();
-  record.user = user_name(record.uid);
   for (unsigned index : reservation.decision.chosen) {
     record.gpu_uuids.push_back(reservation.snapshot.gpus[index].uuid);
     record.nvml_indices.push_back(index);
   }
-  record.reserved_bytes = request.requirements.memory_bytes;
-  record.command = request.command;
   record.taken_at_ms = now_ms();
-  if (request.hold) {
-    record.expires_at_ms = record.taken_at_ms + request.hold->count();
-    record.holder_session = request.owner_session;
-  }
+  if (request.hold) record.expires_at_ms = record.taken_at_ms + request.hold->count();
 
-  auto fd = write_lease_file(directory_, record, !request.hold.has_value());
+  auto fd = write_lease_file(directory, record, !request.hold.has_value());
   if (!fd) return fd.error();
-  record.path = directory_ + "/lease-" + record.id + ".json";
+  record.path = directory + "/lease-" + record.id + ".json";
   reservation.lease = std::make_unique<HeldLease>(std::move(record), *fd);
   if (request.hold) reservation.lease->detach();  // lives by its expiry, not by this process
   return reservation;

@@ -67,31 +67,6 @@ Result<std::string> open_state_directory(const std::optional<std::string>& reque
 
 namespace lease_internal {
 
-Result<int> open_shared_file(const std::string& path, mode_t mode) {
-  for (int attempt = 0; attempt < 3; ++attempt) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0 && errno == ENOENT) {
-      fd = ::open(path.c_str(), O_RDONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
-      if (fd >= 0) {
-        ::fchmod(fd, mode);  // umask must not make the lock unusable for other users
-      } else if (errno == EEXIST) {
-        continue;  // someone created it between our two opens: open theirs
-      }
-    }
-    if (fd < 0) {
-      return state_error("cannot open " + path + ": " + errno_text() +
-                         (errno == ELOOP ? " (it is a symlink; refusing it)" : ""));
-    }
-    struct stat info {};
-    if (::fstat(fd, &info) != 0 || !S_ISREG(info.st_mode) || (info.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
-      ::close(fd);
-      return state_error(path + " is not a regular file owned safely (group/world-writable or special); refusing it");
-    }
-    return fd;
-  }
-  return state_error("cannot open " + path + ": it keeps appearing and disappearing");
-}
-
 Result<HostLock> HostLock::acquire(const std::string& directory) {
   // The lock is taken on the directory itself, not on a file in it: in a sticky directory the
   // creator of a lock file could delete it and split the lock; nobody can delete the directory

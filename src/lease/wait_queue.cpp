@@ -91,7 +91,7 @@ std::vector<std::string> live_tickets(const std::string& directory) {
 
 Result<void> take_ticket(const std::string& directory, Ticket& ticket) {
   timespec now{};
-  ::clock_gettime(CLOCK_REALTIME, &now);
+  ::clock_gettime(CLOCK_MONOTONIC, &now);  // one clock for the whole host, immune to clock steps
   char name[96];
   std::snprintf(name, sizeof name, "/wait-%020lld-%010d.ticket", (long long)now.tv_sec * 1000000000LL + now.tv_nsec, int(::getpid()));
   ticket.name = directory + name;
@@ -127,16 +127,30 @@ Result<Reservation> Ledger::reserve_waiting(const ReserveRequest& request, const
 
   Ticket ticket;
   bool announced = false;
+  bool was_first = true;  // a waiter that was first last time will likely decide again: snapshot early
+  const LeaseRecord identity = holder_identity(request);
   for (;;) {
     std::string pending;
+    std::optional<Snapshot> early;
+    if (was_first) {
+      auto snapshot = snapshot_source();
+      if (!snapshot) return std::move(snapshot).error();
+      early = std::move(*snapshot);
+    }
     {
       auto lock = HostLock::acquire(directory_);
       if (!lock) return lock.error();
       const std::vector<std::string> tickets = live_tickets(directory_);
       const auto ahead = static_cast<std::size_t>(
           ticket.fd < 0 ? tickets.size() : std::find(tickets.begin(), tickets.end(), ticket.name) - tickets.begin());
+      was_first = ahead == 0;
       if (ahead == 0 || !announced) {
-        auto attempt = reserve_locked(*this, request, snapshot_source, visibility_of, /*take=*/ahead == 0, warnings);
+        if (!early) {  // became first while queued: read the GPUs now, under the lock
+          auto snapshot = snapshot_source();
+          if (!snapshot) return std::move(snapshot).error();
+          early = std::move(*snapshot);
+        }
+        auto attempt = reserve_locked(*this, request, identity, std::move(*early), visibility_of, /*take=*/ahead == 0, warnings);
         if (!attempt) return attempt;
         if (attempt->lease || attempt->decision.impossible) return attempt;  // got it, or waiting cannot help
         pending = attempt->decision.summary;
