@@ -86,6 +86,7 @@ int run(int argc, char** argv) {
   add_device(app, context);
   add_run(app, context);
   add_leases(app, context);
+  add_batch(app, context);
 
   try {
     std::vector<std::string> words = normalise_arguments(argc, argv, context.command);
@@ -108,7 +109,7 @@ int run(int argc, char** argv) {
       if (!arg.empty() && arg[0] != '-') { word = arg; break; }
     }
     print_error(word.empty() ? std::string(e.what()) + " (see gpuslot --help)"
-                             : "unknown command " + quote_for_message(word) + ": expected status, pick, device, run or leases");
+                             : "unknown command " + quote_for_message(word) + ": expected status, pick, device, run, leases or batch");
     return 2;
   } catch (const CLI::ParseError& e) {
     // One line, and the same exit status as every other bad input.

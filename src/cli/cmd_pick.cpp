@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "cli/commands.hpp"
@@ -17,6 +18,11 @@ void RequirementOptions::add_to(CLI::App& command) {
   command.add_option("--strategy", strategy, "most-free (default), least-used, least-busy or pack");
   command.add_option("--max-util", max_util, "Pass over GPUs busier than this utilization percent");
   command.add_option("--device", device, "Only this device: cuda:N, GPU-<uuid>, auto or cuda");
+}
+
+std::string default_reservation() {
+  const char* configured = std::getenv("GPUSLOT_DEFAULT_MEM");
+  return configured != nullptr && *configured != '\0' ? configured : "2G";
 }
 
 Requirements RequirementOptions::to_requirements() const {

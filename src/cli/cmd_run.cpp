@@ -30,8 +30,6 @@ namespace gpuslot::cli {
 
 namespace {
 
-constexpr const char* kDefaultReservation = "2G";  // a CUDA context plus a small model
-
 struct RunOptions {
   RequirementOptions requirements;
   std::optional<std::string> wait;  // present: wait; value: timeout ("" = forever)
@@ -138,10 +136,7 @@ void run_run(Context& context, RunOptions& options) {
   if (options.export_format != "index" && options.export_format != "uuid") {
     throw CommandError(make_error(Errc::bad_input, "invalid --export '" + options.export_format + "': expected index or uuid"));
   }
-  if (!options.requirements.mem) {
-    const char* fallback = std::getenv("GPUSLOT_DEFAULT_MEM");
-    options.requirements.mem = fallback != nullptr && *fallback != '\0' ? fallback : kDefaultReservation;
-  }
+  if (!options.requirements.mem) options.requirements.mem = default_reservation();
   ReserveRequest request;
   request.requirements = options.requirements.to_requirements();
   request.command = command_text(options.command);

@@ -29,6 +29,11 @@ void add_pick(CLI::App& app, Context& context);
 void add_device(CLI::App& app, Context& context);
 void add_run(CLI::App& app, Context& context);
 void add_leases(CLI::App& app, Context& context);
+void add_batch(CLI::App& app, Context& context);
+
+// The reservation of a launch without --mem: GPUSLOT_DEFAULT_MEM, else 2G (a CUDA context plus
+// a small model). Used by run and batch.
+std::string default_reservation();
 
 // Restricts `visibility` to the GPU a --device spec names (cuda:N or GPU-…); `auto`/`cuda` leave
 // it as is; `cpu` is refused for commands that need a GPU.

@@ -1,0 +1,307 @@
+// journal.cpp — SQLite journal of a batch.
+#include "jobs/journal.hpp"
+
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstring>
+#include <sstream>
+
+namespace gpuslot::jobs_internal {
+
+namespace {
+
+constexpr const char* kFormat = "gpuslot-batch-journal-1";
+
+constexpr const char* kSchema = R"sql(
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE jobs(
+  seq INTEGER PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  spec TEXT NOT NULL,
+  state TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  oom_failures INTEGER NOT NULL DEFAULT 0,
+  other_failures INTEGER NOT NULL DEFAULT 0,
+  gpu_uuids TEXT NOT NULL DEFAULT '',
+  gpu_indices TEXT NOT NULL DEFAULT '',
+  exit_code INTEGER,
+  signal INTEGER,
+  reason TEXT NOT NULL DEFAULT '',
+  tail TEXT NOT NULL DEFAULT '',
+  started_at REAL,
+  ended_at REAL,
+  not_before REAL,
+  avoid TEXT NOT NULL DEFAULT '');
+)sql";
+
+std::string join(const std::vector<std::string>& items) {
+  std::string text;
+  for (const auto& item : items) text += (text.empty() ? "" : ",") + item;
+  return text;
+}
+
+std::vector<std::string> split(const std::string& text) {
+  std::vector<std::string> items;
+  std::stringstream stream(text);
+  for (std::string item; std::getline(stream, item, ',');) {
+    if (!item.empty()) items.push_back(item);
+  }
+  return items;
+}
+
+std::optional<JobState> parse_state(std::string_view text) {
+  for (JobState state : {JobState::queued, JobState::running, JobState::succeeded, JobState::failed}) {
+    if (text == job_state_name(state)) return state;
+  }
+  return std::nullopt;
+}
+
+std::string column_text(sqlite3_stmt* statement, int column) {
+  const auto* text = sqlite3_column_text(statement, column);
+  return text == nullptr ? std::string() : std::string(reinterpret_cast<const char*>(text));
+}
+
+template <typename T>
+std::optional<T> column_optional(sqlite3_stmt* statement, int column) {
+  if (sqlite3_column_type(statement, column) == SQLITE_NULL) return std::nullopt;
+  if constexpr (std::is_same_v<T, double>) return sqlite3_column_double(statement, column);
+  else return T(sqlite3_column_int64(statement, column));
+}
+
+void bind_optional(sqlite3_stmt* statement, int index, const std::optional<double>& value) {
+  if (value) sqlite3_bind_double(statement, index, *value);
+  else sqlite3_bind_null(statement, index);
+}
+
+void bind_optional(sqlite3_stmt* statement, int index, const std::optional<int>& value) {
+  if (value) sqlite3_bind_int(statement, index, *value);
+  else sqlite3_bind_null(statement, index);
+}
+
+void bind_text(sqlite3_stmt* statement, int index, const std::string& text) {
+  sqlite3_bind_text(statement, index, text.data(), int(text.size()), SQLITE_TRANSIENT);
+}
+
+Result<sqlite3*> open_database(const std::string& path, int flags) {
+  sqlite3* db = nullptr;
+  const int rc = sqlite3_open_v2(path.c_str(), &db, flags | SQLITE_OPEN_NOMUTEX, nullptr);
+  if (rc != SQLITE_OK) {
+    std::string message = db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
+    sqlite3_close(db);
+    return make_error(Errc::state, "cannot open journal " + quote_for_message(path) + ": " + message);
+  }
+  sqlite3_busy_timeout(db, 10'000);
+  return db;
+}
+
+}  // namespace
+
+Error Journal::sqlite_error(const std::string& what) const {
+  const int code = sqlite3_errcode(db_);
+  const Errc errc = (code == SQLITE_CORRUPT || code == SQLITE_NOTADB) ? Errc::bad_input : Errc::state;
+  return make_error(errc, "journal " + quote_for_message(path_) + ": " + what + ": " + sqlite3_errmsg(db_));
+}
+
+Result<void> Journal::exec(const char* sql) const {
+  char* message = nullptr;
+  if (sqlite3_exec(db_, sql, nullptr, nullptr, &message) != SQLITE_OK) {
+    std::string text = message != nullptr ? message : "unknown error";
+    sqlite3_free(message);
+    const int code = sqlite3_errcode(db_);
+    const Errc errc = (code == SQLITE_CORRUPT || code == SQLITE_NOTADB) ? Errc::bad_input : Errc::state;
+    return make_error(errc, "journal " + quote_for_message(path_) + ": " + text);
+  }
+  return {};
+}
+
+Journal::Journal(Journal&& other) noexcept
+    : db_(other.db_), update_(other.update_), path_(std::move(other.path_)) {
+  other.db_ = nullptr;
+  other.update_ = nullptr;
+}
+
+Journal::~Journal() {
+  if (update_ != nullptr) sqlite3_finalize(update_);
+  if (db_ != nullptr) sqlite3_close(db_);
+}
+
+Result<Journal> Journal::create(const std::string& path, const std::vector<JobSpec>& jobs, const std::string& source,
+                                std::uint64_t jobs_hash) {
+  struct stat info {};
+  if (::lstat(path.c_str(), &info) == 0) {
+    return make_error(Errc::state, "journal " + quote_for_message(path) +
+                                       " already exists: add --resume to continue that batch, or pass --journal NEW to start afresh");
+  }
+  // Built under a temporary name and renamed into place once complete, so a journal that exists
+  // is never half-written.
+  const std::string temp = path + ".new";
+  ::unlink(temp.c_str());
+  auto db = open_database(temp, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
+  if (!db) return db.error();
+  Journal journal(*db, temp);
+  auto fail = [&](Error error) -> Result<Journal> {
+    sqlite3_close(journal.db_);
+    journal.db_ = nullptr;
+    ::unlink(temp.c_str());
+    error.message = "cannot create journal " + quote_for_message(path) + ": " + error.message;
+    return error;
+  };
+  if (auto done = journal.exec("PRAGMA journal_mode=DELETE; BEGIN"); !done) return fail(done.error());
+  if (auto done = journal.exec(kSchema); !done) return fail(done.error());
+  sqlite3_stmt* insert = nullptr;
+  sqlite3_prepare_v2(journal.db_, "INSERT INTO meta(key, value) VALUES (?1, ?2)", -1, &insert, nullptr);
+  for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
+           {"format", kFormat}, {"jobs_file", source}, {"jobs_hash", std::to_string(jobs_hash)},
+           {"jobs", std::to_string(jobs.size())}}) {
+    bind_text(insert, 1, key);
+    bind_text(insert, 2, value);
+    if (sqlite3_step(insert) != SQLITE_DONE) {
+      sqlite3_finalize(insert);
+      return fail(journal.sqlite_error("writing"));
+    }
+    sqlite3_reset(insert);
+  }
+  sqlite3_finalize(insert);
+  sqlite3_prepare_v2(journal.db_, "INSERT INTO jobs(seq, name, spec, state) VALUES (?1, ?2, ?3, 'queued')", -1, &insert,
+                     nullptr);
+  for (std::size_t i = 0; i < jobs.size(); ++i) {
+    sqlite3_bind_int64(insert, 1, std::int64_t(i));
+    bind_text(insert, 2, jobs[i].name);
+    bind_text(insert, 3, job_to_json(jobs[i]));
+    if (sqlite3_step(insert) != SQLITE_DONE) {
+      sqlite3_finalize(insert);
+      return fail(journal.sqlite_error("writing"));
+    }
+    sqlite3_reset(insert);
+  }
+  sqlite3_finalize(insert);
+  if (auto done = journal.exec("COMMIT"); !done) return fail(done.error());
+  sqlite3_close(journal.db_);
+  journal.db_ = nullptr;
+  if (::rename(temp.c_str(), path.c_str()) != 0) {
+    const int error = errno;
+    ::unlink(temp.c_str());
+    return make_error(Errc::state, "cannot create journal " + quote_for_message(path) + ": " + std::strerror(error));
+  }
+  return open(path, /*read_only=*/false);
+}
+
+Result<Journal> Journal::open(const std::string& path, bool read_only) {
+  struct stat info {};
+  if (::stat(path.c_str(), &info) != 0) {
+    return make_error(Errc::bad_input, "no journal at " + quote_for_message(path) + " (" + std::strerror(errno) + ")");
+  }
+  if (!S_ISREG(info.st_mode)) return make_error(Errc::bad_input, quote_for_message(path) + " is not a journal file");
+  auto db = open_database(path, read_only ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE);
+  if (!db) return db.error();
+  Journal journal(*db, path);
+  if (journal.meta("format") != kFormat) {
+    return make_error(Errc::bad_input, quote_for_message(path) + " is not a gpuslot batch journal (or it is corrupt)");
+  }
+  if (!read_only) {
+    if (auto done = journal.exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL"); !done) return done.error();
+    const char* sql =
+        "UPDATE jobs SET state=?2, attempts=?3, oom_failures=?4, other_failures=?5, gpu_uuids=?6, gpu_indices=?7, "
+        "exit_code=?8, signal=?9, reason=?10, tail=?11, started_at=?12, ended_at=?13, not_before=?14, avoid=?15 "
+        "WHERE seq=?1";
+    if (sqlite3_prepare_v2(journal.db_, sql, -1, &journal.update_, nullptr) != SQLITE_OK) {
+      return journal.sqlite_error("preparing");
+    }
+  }
+  return journal;
+}
+
+std::string Journal::meta(const std::string& key) const {
+  sqlite3_stmt* statement = nullptr;
+  if (sqlite3_prepare_v2(db_, "SELECT value FROM meta WHERE key=?1", -1, &statement, nullptr) != SQLITE_OK) return "";
+  bind_text(statement, 1, key);
+  std::string value;
+  if (sqlite3_step(statement) == SQLITE_ROW) value = column_text(statement, 0);
+  sqlite3_finalize(statement);
+  return value;
+}
+
+Result<std::vector<JobStatus>> Journal::load() const {
+  sqlite3_stmt* statement = nullptr;
+  const char* sql =
+      "SELECT seq, name, spec, state, attempts, oom_failures, other_failures, gpu_uuids, gpu_indices, exit_code, "
+      "signal, reason, tail, started_at, ended_at, not_before, avoid FROM jobs ORDER BY seq";
+  if (sqlite3_prepare_v2(db_, sql, -1, &statement, nullptr) != SQLITE_OK) return sqlite_error("reading");
+  std::vector<JobStatus> jobs;
+  int rc = SQLITE_ROW;
+  while ((rc = sqlite3_step(statement)) == SQLITE_ROW) {
+    JobStatus job;
+    job.seq = sqlite3_column_int64(statement, 0);
+    auto spec = job_from_json(column_text(statement, 2), unsigned(job.seq + 1));
+    auto state = parse_state(column_text(statement, 3));
+    if (!spec || !state || spec->name != column_text(statement, 1) || job.seq != std::int64_t(jobs.size())) {
+      sqlite3_finalize(statement);
+      return make_error(Errc::bad_input, "journal " + quote_for_message(path_) + " is corrupt (job " +
+                                             std::to_string(job.seq) + " cannot be read)");
+    }
+    job.spec = std::move(*spec);
+    job.state = *state;
+    job.attempts = unsigned(sqlite3_column_int(statement, 4));
+    job.oom_failures = unsigned(sqlite3_column_int(statement, 5));
+    job.other_failures = unsigned(sqlite3_column_int(statement, 6));
+    job.gpu_uuids = split(column_text(statement, 7));
+    for (const auto& index : split(column_text(statement, 8))) job.gpu_indices.push_back(unsigned(std::stoul(index)));
+    job.exit_code = column_optional<int>(statement, 9);
+    job.signal = column_optional<int>(statement, 10);
+    job.reason = column_text(statement, 11);
+    job.tail = column_text(statement, 12);
+    job.started_at = column_optional<double>(statement, 13);
+    job.ended_at = column_optional<double>(statement, 14);
+    job.not_before = column_optional<double>(statement, 15);
+    job.avoid_uuids = split(column_text(statement, 16));
+    jobs.push_back(std::move(job));
+  }
+  sqlite3_finalize(statement);
+  if (rc != SQLITE_DONE) return sqlite_error("reading");
+  return jobs;
+}
+
+Result<void> Journal::save(const std::vector<const JobStatus*>& jobs) {
+  if (jobs.empty()) return {};
+  if (auto done = exec("BEGIN IMMEDIATE"); !done) return done;
+  for (const JobStatus* job : jobs) {
+    std::vector<std::string> indices;
+    for (unsigned index : job->gpu_indices) indices.push_back(std::to_string(index));
+    sqlite3_bind_int64(update_, 1, job->seq);
+    bind_text(update_, 2, job_state_name(job->state));
+    sqlite3_bind_int(update_, 3, int(job->attempts));
+    sqlite3_bind_int(update_, 4, int(job->oom_failures));
+    sqlite3_bind_int(update_, 5, int(job->other_failures));
+    bind_text(update_, 6, join(job->gpu_uuids));
+    bind_text(update_, 7, join(indices));
+    bind_optional(update_, 8, job->exit_code);
+    bind_optional(update_, 9, job->signal);
+    bind_text(update_, 10, job->reason);
+    bind_text(update_, 11, job->tail);
+    bind_optional(update_, 12, job->started_at);
+    bind_optional(update_, 13, job->ended_at);
+    bind_optional(update_, 14, job->not_before);
+    bind_text(update_, 15, join(job->avoid_uuids));
+    const int rc = sqlite3_step(update_);
+    sqlite3_reset(update_);
+    if (rc != SQLITE_DONE) {
+      Error error = sqlite_error("writing");
+      (void)exec("ROLLBACK");
+      return error;
+    }
+  }
+  return exec("COMMIT");
+}
+
+}  // namespace gpuslot::jobs_internal
+
+namespace gpuslot {
+
+Result<std::vector<JobStatus>> read_journal(const std::string& path) {
+  auto journal = jobs_internal::Journal::open(path, /*read_only=*/true);
+  if (!journal) return journal.error();
+  return journal->load();
+}
+
+}  // namespace gpuslot

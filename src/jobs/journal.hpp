@@ -1,0 +1,47 @@
+// jobs/journal.hpp — the batch's durable journal: one SQLite database in WAL mode.
+//
+// Every transition of a job is written here and committed before it takes effect (before the
+// job is started, before its files are cleaned up). synchronous=NORMAL: a commit survives the
+// scheduler being killed at any instant (the WAL is in the kernel's page cache); only a power
+// loss can lose the latest commits, which would at worst run a job again.
+#pragma once
+
+#include <sqlite3.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gpuslot/jobs.hpp"
+
+namespace gpuslot::jobs_internal {
+
+class Journal {
+ public:
+  // A new journal holding `jobs` as queued. Errc::state if it exists or cannot be written.
+  static Result<Journal> create(const std::string& path, const std::vector<JobSpec>& jobs,
+                                const std::string& source, std::uint64_t jobs_hash);
+  // An existing journal. Errc::bad_input if it is not a gpuslot journal.
+  static Result<Journal> open(const std::string& path, bool read_only);
+
+  Journal(Journal&& other) noexcept;
+  Journal& operator=(Journal&&) = delete;
+  ~Journal();
+
+  std::string meta(const std::string& key) const;  // "" when absent
+  Result<std::vector<JobStatus>> load() const;
+
+  // Writes the mutable columns of `jobs` in one transaction.
+  Result<void> save(const std::vector<const JobStatus*>& jobs);
+  Result<void> save(const JobStatus& job) { return save(std::vector<const JobStatus*>{&job}); }
+
+ private:
+  explicit Journal(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}
+  Result<void> exec(const char* sql) const;
+  Error sqlite_error(const std::string& what) const;
+  sqlite3* db_ = nullptr;
+  sqlite3_stmt* update_ = nullptr;
+  std::string path_;
+};
+
+}  // namespace gpuslot::jobs_internal

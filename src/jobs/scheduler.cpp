@@ -1,0 +1,700 @@
+// scheduler.cpp — the batch's event loop: place, start, reap, retry, journal.
+//
+// One thread. It sleeps in poll() on a signalfd (children ending, Ctrl-C), an inotify watch of
+// the lease directory (a lease released anywhere on the host) and a timer (back-offs, and the
+// fallback poll for memory freed outside gpuslot). Each wake-up it reaps, records, and places
+// what now fits.
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/inotify.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <set>
+#include <unordered_map>
+
+#include "gpuslot/units.hpp"
+#include "jobs/journal.hpp"
+#include "jobs/shepherd.hpp"
+
+extern char** environ;
+
+namespace gpuslot {
+
+using namespace jobs_internal;
+
+namespace {
+
+constexpr std::size_t kTailBytes = 64 * 1024;  // output read back for out-of-memory signatures
+constexpr int kTailLines = 5;                   // lines of output kept for a failed job
+constexpr auto kSnapshotMaxAge = std::chrono::milliseconds(20);
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+std::string last_lines(const std::string& text, int count) {
+  std::size_t end = text.size();
+  while (end > 0 && (text[end - 1] == '\n' || text[end - 1] == '\r')) --end;
+  std::size_t start = end;
+  for (int found = 0; start > 0; --start) {
+    if (text[start - 1] == '\n' && ++found == count) break;
+  }
+  return text.substr(start, end - start);
+}
+
+struct Attempt {
+  std::size_t job = 0;
+  pid_t shepherd = 0;
+  bool adopted = false;
+  AttemptFiles files;
+};
+
+class Scheduler {
+ public:
+  Scheduler(const std::vector<JobSpec>& specs, const BatchOptions& options, Ledger& ledger,
+            const SnapshotSource& snapshot_source, const VisibilityOf& visibility_of, BatchObserver& observer)
+      : specs_(specs), options_(options), ledger_(ledger), snapshot_source_(snapshot_source),
+        visibility_of_(visibility_of), observer_(observer) {}
+
+  ~Scheduler() {
+    for (int fd : {signal_fd_, inotify_fd_, logs_lock_fd_}) {
+      if (fd >= 0) ::close(fd);
+    }
+    if (signals_blocked_) ::sigprocmask(SIG_SETMASK, &old_mask_, nullptr);
+  }
+
+  Result<BatchResult> run() {
+    if (auto opened = open_journal(); !opened) return opened.error();
+    if (auto ready = setup_events(); !ready) return ready.error();
+    if (auto recovered = recover(); !recovered) return recovered.error();
+    while (true) {
+      if (auto handled = handle_events(); !handled) return handled.error();
+      if (!stopping_) {
+        if (auto placed = dispatch(); !placed) return placed.error();
+      }
+      report_progress();
+      if (running_.empty() && adopted_.empty() && (stopping_ || finished_ == jobs_.size())) break;
+      wait_for_events();
+    }
+    BatchResult result;
+    result.interrupted = stopping_;
+    result.jobs = std::move(jobs_);
+    return result;
+  }
+
+ private:
+  // --- journal ---------------------------------------------------------------------------------
+  Result<void> open_journal() {
+    logs_dir_ = logs_directory_of(options_.journal_path);
+    if (::mkdir(logs_dir_.c_str(), 0755) != 0 && errno != EEXIST) {
+      return make_error(Errc::state, "cannot create the logs folder " + quote_for_message(logs_dir_) + ": " + std::strerror(errno));
+    }
+    // One scheduler per journal: the lock is on the logs folder (not on the database, whose
+    // POSIX locks SQLite owns), and it is never inherited by a shepherd.
+    logs_lock_fd_ = ::open(logs_dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (logs_lock_fd_ < 0 || ::flock(logs_lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+      return make_error(Errc::state, "journal " + quote_for_message(options_.journal_path) +
+                                         " is in use by another gpuslot batch (wait for it, or stop it first)");
+    }
+    if (!options_.resume) {
+      auto created = Journal::create(options_.journal_path, specs_, options_.jobs_source, options_.jobs_hash);
+      if (!created) return created.error();
+      journal_.emplace(std::move(*created));
+    } else {
+      auto opened = Journal::open(options_.journal_path, /*read_only=*/false);
+      if (!opened) {
+        Error error = opened.error();
+        if (error.message.rfind("no journal at", 0) == 0) error.message += "; nothing to resume (run without --resume to start)";
+        return error;
+      }
+      journal_.emplace(std::move(*opened));
+      if (journal_->meta("jobs_hash") != std::to_string(options_.jobs_hash)) {
+        return make_error(Errc::bad_input, "the jobs file differs from the one journal " +
+                                               quote_for_message(options_.journal_path) +
+                                               " was made from; resume with the same file, or start a new journal");
+      }
+    }
+    auto loaded = journal_->load();
+    if (!loaded) return loaded.error();
+    jobs_ = std::move(*loaded);
+    if (jobs_.size() != specs_.size()) {
+      return make_error(Errc::bad_input, "journal " + quote_for_message(options_.journal_path) + " holds " +
+                                             std::to_string(jobs_.size()) + " jobs, the jobs file " +
+                                             std::to_string(specs_.size()));
+    }
+    for (std::size_t i = 0; i < jobs_.size(); ++i) {
+      by_name_[jobs_[i].spec.name] = i;
+      if (!jobs_[i].spec.group.empty()) groups_[jobs_[i].spec.group].push_back(i);
+      if (terminal(i)) ++finished_;
+      if (jobs_[i].state == JobState::succeeded) ++succeeded_;
+      if (jobs_[i].state == JobState::failed) ++failed_;
+    }
+    return {};
+  }
+
+  Result<void> commit(std::vector<std::size_t> indices) {
+    std::vector<const JobStatus*> rows;
+    for (std::size_t index : indices) rows.push_back(&jobs_[index]);
+    return journal_->save(rows);
+  }
+
+  bool terminal(std::size_t index) const {
+    return jobs_[index].state == JobState::succeeded || jobs_[index].state == JobState::failed;
+  }
+
+  // --- events ----------------------------------------------------------------------------------
+  Result<void> setup_events() {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int signal_number : {SIGCHLD, SIGINT, SIGTERM, SIGHUP}) sigaddset(&set, signal_number);
+    ::sigprocmask(SIG_BLOCK, &set, &old_mask_);
+    signals_blocked_ = true;
+    signal_fd_ = ::signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (signal_fd_ < 0) return make_error(Errc::internal, std::string("signalfd: ") + std::strerror(errno));
+    inotify_fd_ = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (inotify_fd_ >= 0) ::inotify_add_watch(inotify_fd_, ledger_.directory().c_str(), IN_DELETE | IN_MOVED_FROM);
+    return {};
+  }
+
+  void wait_for_events() {
+    int timeout_ms = -1;
+    const double now = now_s();
+    bool waiting = false;
+    for (std::size_t index : queue_) {
+      if (jobs_[index].state != JobState::queued) continue;
+      waiting = true;
+      if (jobs_[index].not_before && *jobs_[index].not_before > now) {
+        const int until = int(std::ceil((*jobs_[index].not_before - now) * 1000));
+        timeout_ms = timeout_ms < 0 ? until : std::min(timeout_ms, until);
+      }
+    }
+    const int poll_ms = int(options_.poll_interval.count());
+    if ((waiting && !stopping_) || !adopted_.empty()) timeout_ms = timeout_ms < 0 ? poll_ms : std::min(timeout_ms, poll_ms);
+    pollfd fds[2] = {{signal_fd_, POLLIN, 0}, {inotify_fd_, POLLIN, 0}};
+    ::poll(fds, inotify_fd_ >= 0 && !stopping_ ? 2 : 1, timeout_ms);
+  }
+
+  Result<void> handle_events() {
+    signalfd_siginfo info{};
+    while (::read(signal_fd_, &info, sizeof info) == ssize_t(sizeof info)) {
+      if (info.ssi_signo == SIGCHLD) continue;
+      interrupt(int(info.ssi_signo));
+    }
+    if (inotify_fd_ >= 0) {
+      char buffer[4096];
+      while (::read(inotify_fd_, buffer, sizeof buffer) > 0) {
+      }
+    }
+    // Reap shepherds; record their outcomes in one transaction.
+    std::vector<std::size_t> changed;
+    while (true) {
+      int status = 0;
+      const pid_t pid = ::waitpid(-1, &status, WNOHANG);
+      if (pid <= 0) break;
+      auto it = running_.find(pid);
+      if (it == running_.end()) continue;
+      Attempt attempt = std::move(it->second);
+      running_.erase(it);
+      conclude(attempt, changed);
+    }
+    for (auto it = adopted_.begin(); it != adopted_.end();) {
+      if (attempt_alive(it->files.lock)) {
+        ++it;
+        continue;
+      }
+      Attempt attempt = std::move(*it);
+      it = adopted_.erase(it);
+      running_count_ = running_.size() + adopted_.size();
+      conclude(attempt, changed);
+    }
+    running_count_ = running_.size() + adopted_.size();
+    if (changed.empty()) return {};
+    if (auto done = commit(changed); !done) return done;
+    for (std::size_t index : changed) emit_pending_(index);
+    pending_events_.clear();
+    // Only now that the outcome is durable may its evidence go.
+    for (auto& files : cleanup_) {
+      ::unlink(files.status.c_str());
+      ::unlink(files.lock.c_str());
+    }
+    cleanup_.clear();
+    return {};
+  }
+
+  void interrupt(int signal_number) {
+    const int forwarded = stopping_ ? SIGKILL : signal_number;  // a second Ctrl-C insists
+    stopping_ = true;
+    stop_signal_ = signal_number;
+    for (const auto& [pid, attempt] : running_) ::kill(-pid, forwarded);
+    for (const auto& attempt : adopted_) {
+      if (pid_t pid = shepherd_pid(attempt.files.lock); pid > 0) ::kill(-pid, forwarded);
+    }
+  }
+
+  // --- outcomes --------------------------------------------------------------------------------
+  void conclude(const Attempt& attempt, std::vector<std::size_t>& changed) {
+    const std::size_t index = attempt.job;
+    JobStatus& job = jobs_[index];
+    changed.push_back(index);
+    cleanup_.push_back(attempt.files);
+    release_gpus(index);
+    auto outcome = read_outcome(attempt.files.status);
+    if (!outcome) {
+      // No status: the shepherd died without recording (or never ran). The job may not have
+      // finished, so it runs again; this is not counted against its retries.
+      job.state = JobState::queued;
+      job.reason = "requeued: its attempt " + std::to_string(job.attempts) + " vanished without a result";
+      queue_.push_back(index);
+      pending_events_[index] = {BatchEvent::Kind::lost_requeued, job.reason};
+      return;
+    }
+    job.ended_at = now_s();
+    job.exit_code = outcome->exit_code;
+    job.signal = outcome->signal;
+    if (outcome->exit_code == 0 && !outcome->signal) {
+      job.state = JobState::succeeded;
+      job.reason.clear();
+      job.tail.clear();
+      ++succeeded_;
+      ++finished_;
+      pending_events_[index] = {BatchEvent::Kind::succeeded, ""};
+      return;
+    }
+    if (stopping_ && outcome->signal && (*outcome->signal == stop_signal_ || *outcome->signal == SIGKILL)) {
+      job.state = JobState::queued;
+      job.reason = "interrupted by signal " + std::to_string(*outcome->signal) + "; --resume runs it again";
+      queue_.push_back(index);
+      pending_events_[index] = {BatchEvent::Kind::interrupted, job.reason};
+      return;
+    }
+    const std::string output = read_tail(attempt.files.err, kTailBytes) + "\n" + read_tail(attempt.files.out, kTailBytes);
+    const bool oom = looks_like_gpu_oom(output) ||
+                     (outcome->exit_code && std::find(options_.oom_exit_codes.begin(), options_.oom_exit_codes.end(),
+                                                      *outcome->exit_code) != options_.oom_exit_codes.end());
+    std::string how = outcome->signal ? "killed by signal " + std::to_string(*outcome->signal)
+                                      : "exit " + std::to_string(*outcome->exit_code);
+    if (!outcome->error.empty()) how = outcome->error;
+    job.tail = last_lines(read_tail(attempt.files.err, kTailBytes), kTailLines);
+    if (job.tail.empty()) job.tail = last_lines(read_tail(attempt.files.out, kTailBytes), kTailLines);
+    if (oom) {
+      ++job.oom_failures;
+      for (const auto& uuid : job.gpu_uuids) {
+        if (std::find(job.avoid_uuids.begin(), job.avoid_uuids.end(), uuid) == job.avoid_uuids.end()) job.avoid_uuids.push_back(uuid);
+      }
+      if (job.oom_failures <= job.spec.oom_retries) {
+        const double backoff = double(options_.oom_backoff.count()) / 1000.0 * double(1u << std::min(job.oom_failures - 1, 6u));
+        job.state = JobState::queued;
+        job.not_before = now_s() + backoff;
+        job.reason = "out of GPU memory on GPU " + gpu_list(job) + " (" + how + "); retry " +
+                     std::to_string(job.oom_failures) + " of " + std::to_string(job.spec.oom_retries) +
+                     ", another GPU first";
+        queue_.push_back(index);
+        pending_events_[index] = {BatchEvent::Kind::oom_requeued, job.reason};
+        return;
+      }
+      fail(index, "out of GPU memory (" + how + ") on " + std::to_string(job.oom_failures) + " attempt" +
+                      (job.oom_failures == 1 ? "" : "s") + "; no retries left");
+      return;
+    }
+    ++job.other_failures;
+    if (job.other_failures <= job.spec.failure_retries) {
+      job.state = JobState::queued;
+      job.reason = "failed (" + how + "); retry " + std::to_string(job.other_failures) + " of " +
+                   std::to_string(job.spec.failure_retries);
+      queue_.push_back(index);
+      pending_events_[index] = {BatchEvent::Kind::failure_requeued, job.reason};
+      return;
+    }
+    fail(index, "failed (" + how + ")");
+  }
+
+  void fail(std::size_t index, std::string reason, BatchEvent::Kind kind = BatchEvent::Kind::failed) {
+    JobStatus& job = jobs_[index];
+    job.state = JobState::failed;
+    job.reason = std::move(reason);
+    if (!job.ended_at) job.ended_at = now_s();
+    ++failed_;
+    ++finished_;
+    pending_events_[index] = {kind, job.reason};
+  }
+
+  static std::string gpu_list(const JobStatus& job) {
+    std::string text;
+    for (unsigned index : job.gpu_indices) text += (text.empty() ? "" : ",") + std::to_string(index);
+    return text;
+  }
+
+  void emit_pending_(std::size_t index) {
+    auto it = pending_events_.find(index);
+    if (it == pending_events_.end()) return;
+    observer_.on_event(BatchEvent{it->second.first, &jobs_[index], it->second.second});
+  }
+
+  // --- resume ----------------------------------------------------------------------------------
+  Result<void> recover() {
+    std::vector<std::size_t> changed;
+    for (std::size_t i = 0; i < jobs_.size(); ++i) {
+      if (jobs_[i].state == JobState::queued) queue_.push_back(i);
+      if (jobs_[i].state != JobState::running) continue;
+      Attempt attempt{i, 0, true, attempt_files(logs_dir_, jobs_[i].spec.name, jobs_[i].attempts)};
+      if (attempt_alive(attempt.files.lock)) {
+        attempt.shepherd = shepherd_pid(attempt.files.lock);
+        occupy_gpus(i);
+        adopted_.push_back(attempt);
+        observer_.on_event(BatchEvent{BatchEvent::Kind::adopted, &jobs_[i], "still running; adopted"});
+      } else {
+        conclude(attempt, changed);
+      }
+    }
+    running_count_ = adopted_.size();
+    std::sort(queue_.begin(), queue_.end());
+    if (changed.empty()) return {};
+    if (auto done = commit(changed); !done) return done;
+    for (std::size_t index : changed) emit_pending_(index);
+    pending_events_.clear();
+    for (auto& files : cleanup_) {
+      ::unlink(files.status.c_str());
+      ::unlink(files.lock.c_str());
+    }
+    cleanup_.clear();
+    return {};
+  }
+
+  // --- placement -------------------------------------------------------------------------------
+  void occupy_gpus(std::size_t index) {
+    for (unsigned gpu : jobs_[index].gpu_indices) {
+      occupancy_[gpu].first += 1;
+      occupancy_[gpu].second += jobs_[index].spec.memory_bytes;
+    }
+  }
+
+  void release_gpus(std::size_t index) {
+    for (unsigned gpu : jobs_[index].gpu_indices) {
+      auto& [count, bytes] = occupancy_[gpu];
+      count = count > 0 ? count - 1 : 0;
+      bytes = bytes > jobs_[index].spec.memory_bytes ? bytes - jobs_[index].spec.memory_bytes : 0;
+    }
+  }
+
+  Result<const Snapshot*> fresh_snapshot() {
+    const auto now = std::chrono::steady_clock::now();
+    if (!snapshot_ || now - snapshot_at_ > kSnapshotMaxAge) {
+      auto taken = snapshot_source_();
+      if (!taken) return taken.error();
+      snapshot_ = std::move(*taken);
+      snapshot_at_ = now;
+      visibility_ = visibility_of_(*snapshot_);
+    }
+    return &*snapshot_;
+  }
+
+  // Why a job cannot be considered yet (dependencies, group), or nullopt when it can.
+  // Sets `failed_dependency` when it never can.
+  std::optional<std::string> blocked(std::size_t index, std::optional<std::string>& failed_dependency,
+                                     std::optional<std::vector<std::string>>& pinned) {
+    const JobStatus& job = jobs_[index];
+    for (const auto& name : job.spec.after) {
+      const JobStatus& dependency = jobs_[by_name_.at(name)];
+      if (dependency.state == JobState::failed) {
+        failed_dependency = "dependency " + quote_for_message(name) + " failed";
+        return failed_dependency;
+      }
+      if (dependency.state != JobState::succeeded) return "waiting for " + quote_for_message(name);
+    }
+    if (!job.spec.group.empty()) {
+      for (std::size_t member : groups_.at(job.spec.group)) {
+        if (member == index) break;  // the first placeable member anchors the group
+        if (!jobs_[member].gpu_uuids.empty()) {
+          pinned = jobs_[member].gpu_uuids;
+          break;
+        }
+        if (!terminal(member)) return "waiting for group " + quote_for_message(job.spec.group) + "'s first job to start";
+      }
+    }
+    if (job.not_before && *job.not_before > now_s()) return "backing off after out of memory";
+    return std::nullopt;
+  }
+
+  Requirements requirements_of(const JobStatus& job, const std::optional<std::vector<std::string>>& pinned,
+                               const Snapshot& snapshot) const {
+    Requirements requirements;
+    requirements.memory_bytes = job.spec.memory_bytes;
+    requirements.gpu_count = job.spec.gpus;
+    requirements.strategy = options_.strategy;
+    requirements.exclude = options_.exclude;
+    if (pinned) {
+      for (const auto& gpu : snapshot.gpus) {
+        if (std::find(pinned->begin(), pinned->end(), gpu.uuid) == pinned->end()) requirements.exclude.push_back(std::to_string(gpu.nvml_index));
+      }
+      return requirements;
+    }
+    if (!job.avoid_uuids.empty()) {
+      // Another GPU first — as long as some other GPU could ever hold the job.
+      unsigned others = 0;
+      for (const auto& gpu : snapshot.gpus) {
+        const bool avoided = std::find(job.avoid_uuids.begin(), job.avoid_uuids.end(), gpu.uuid) != job.avoid_uuids.end();
+        if (!avoided && gpu.healthy && visibility_.is_visible(gpu.nvml_index) &&
+            gpu.memory_total_bytes.value_or(0) >= job.spec.memory_bytes) {
+          ++others;
+        }
+      }
+      if (others >= job.spec.gpus) {
+        for (const auto& gpu : snapshot.gpus) {
+          if (std::find(job.avoid_uuids.begin(), job.avoid_uuids.end(), gpu.uuid) != job.avoid_uuids.end()) {
+            requirements.exclude.push_back(std::to_string(gpu.nvml_index));
+          }
+        }
+      }
+    }
+    return requirements;
+  }
+
+  // Exclusive: GPUs with no process and nothing reserved; the job reserves all their free memory.
+  bool make_exclusive(Requirements& requirements, const Snapshot& snapshot, const OutstandingReservations& reserved) {
+    std::vector<unsigned> empty;
+    for (const auto& gpu : snapshot.gpus) {
+      const std::string index = std::to_string(gpu.nvml_index);
+      const bool excluded = std::find(requirements.exclude.begin(), requirements.exclude.end(), index) != requirements.exclude.end() ||
+                            std::find(requirements.exclude.begin(), requirements.exclude.end(), gpu.uuid) != requirements.exclude.end();
+      auto outstanding = reserved.find(gpu.nvml_index);
+      if (!excluded && gpu.healthy && visibility_.is_visible(gpu.nvml_index) && gpu.processes.empty() &&
+          (outstanding == reserved.end() || outstanding->second == 0) && gpu.memory_free_bytes &&
+          *gpu.memory_free_bytes >= requirements.memory_bytes) {
+        empty.push_back(gpu.nvml_index);
+      }
+    }
+    if (empty.size() < requirements.gpu_count) return false;
+    empty.resize(requirements.gpu_count);
+    std::uint64_t free = UINT64_MAX;
+    for (unsigned index : empty) free = std::min(free, *snapshot.gpus[index].memory_free_bytes);
+    requirements.memory_bytes = free;
+    for (const auto& gpu : snapshot.gpus) {
+      if (std::find(empty.begin(), empty.end(), gpu.nvml_index) == empty.end()) requirements.exclude.push_back(std::to_string(gpu.nvml_index));
+    }
+    return true;
+  }
+
+  Result<void> dispatch() {
+    if (queue_.empty()) return {};
+    if (options_.max_running > 0 && running_count_ >= options_.max_running) return {};
+    auto snapshot_or = fresh_snapshot();
+    if (!snapshot_or) return snapshot_or.error();
+    const Snapshot& snapshot = **snapshot_or;
+    std::vector<std::string> warnings;
+    std::vector<LeaseRecord> leases = ledger_.live_leases(&warnings);
+    OutstandingReservations reserved = Ledger::outstanding(leases, snapshot);
+    // Smallest request (per GPU count) that did not fit this round: larger ones are skipped.
+    std::map<unsigned, std::uint64_t> smallest_misfit;
+    std::vector<std::size_t> still_queued;
+    std::vector<std::size_t> dependency_failures;
+    waiting_reason_.clear();
+    const double now = now_s();
+    bool full = false;
+
+    for (std::size_t position = 0; position < queue_.size(); ++position) {
+      const std::size_t index = queue_[position];
+      JobStatus& job = jobs_[index];
+      if (job.state != JobState::queued) continue;
+      if (full || (options_.max_running > 0 && running_count_ >= options_.max_running)) {
+        full = true;
+        still_queued.push_back(index);
+        continue;
+      }
+      std::optional<std::string> failed_dependency;
+      std::optional<std::vector<std::string>> pinned;
+      if (auto why = blocked(index, failed_dependency, pinned)) {
+        if (failed_dependency) {
+          fail(index, *failed_dependency, BatchEvent::Kind::dependency_failed);
+          dependency_failures.push_back(index);
+          continue;
+        }
+        if (waiting_reason_.empty()) waiting_reason_ = job.spec.name + ": " + *why;
+        still_queued.push_back(index);
+        continue;
+      }
+      const bool plain = !pinned && job.avoid_uuids.empty() && !job.spec.exclusive;
+      if (plain) {
+        auto misfit = smallest_misfit.find(job.spec.gpus);
+        if (misfit != smallest_misfit.end() && job.spec.memory_bytes >= misfit->second) {
+          still_queued.push_back(index);
+          continue;
+        }
+      }
+      Requirements requirements = requirements_of(job, pinned, snapshot);
+      // Never fits: decide on an idle host (nothing used, nothing reserved).
+      auto decision = select_gpus(requirements, snapshot, visibility_, reserved);
+      if (!decision || decision->impossible) {
+        fail(index, "can never fit: " + (decision ? decision->summary : decision.error().message), BatchEvent::Kind::never_fits);
+        dependency_failures.push_back(index);
+        continue;
+      }
+      if (job.spec.exclusive && !make_exclusive(requirements, snapshot, reserved)) {
+        if (waiting_reason_.empty()) waiting_reason_ = job.spec.name + ": waiting for a GPU with nothing else on it";
+        still_queued.push_back(index);
+        continue;
+      }
+      if (job.spec.exclusive) decision = select_gpus(requirements, snapshot, visibility_, reserved);
+      if (!decision || !decision->fits()) {
+        if (plain) smallest_misfit[job.spec.gpus] = job.spec.memory_bytes;
+        if (waiting_reason_.empty() && decision) waiting_reason_ = job.spec.name + ": " + decision->summary;
+        still_queued.push_back(index);
+        continue;
+      }
+      auto started = start(index, requirements, snapshot, now);
+      if (!started) return started.error();
+      if (!*started) {
+        if (plain) smallest_misfit[job.spec.gpus] = job.spec.memory_bytes;
+        still_queued.push_back(index);
+        continue;
+      }
+      for (unsigned gpu : jobs_[index].gpu_indices) reserved[gpu] += requirements.memory_bytes;
+    }
+    queue_ = std::move(still_queued);
+    if (!dependency_failures.empty()) {
+      if (auto done = commit(dependency_failures); !done) return done;
+      for (std::size_t index : dependency_failures) emit_pending_(index);
+      pending_events_.clear();
+    }
+    return {};
+  }
+
+  std::vector<std::string> job_environment(const JobStatus& job, const Snapshot& snapshot, const std::string& lease_id) const {
+    const ChildGpuEnv gpu_env = child_gpu_env(snapshot, job.gpu_indices, options_.export_format);
+    std::set<std::string> replaced = {"GPUSLOT_LEASE_ID", "GPUSLOT_JOB_NAME", "GPUSLOT_JOB_ATTEMPT"};
+    for (const auto& [name, value] : gpu_env.set) replaced.insert(name);
+    for (const auto& [name, value] : job.spec.env) replaced.insert(name);
+    std::vector<std::string> entries;
+    for (char** entry = environ; *entry != nullptr; ++entry) {
+      const std::string_view text = *entry;
+      if (replaced.count(std::string(text.substr(0, text.find('=')))) == 0) entries.emplace_back(text);
+    }
+    for (const auto& [name, value] : job.spec.env) entries.push_back(name + "=" + value);
+    for (const auto& [name, value] : gpu_env.set) entries.push_back(name + "=" + value);
+    entries.push_back("GPUSLOT_LEASE_ID=" + lease_id);
+    entries.push_back("GPUSLOT_JOB_NAME=" + job.spec.name);
+    entries.push_back("GPUSLOT_JOB_ATTEMPT=" + std::to_string(job.attempts));
+    return entries;
+  }
+
+  // Reserve, journal, fork. false when the ledger refused (another launch took the room first).
+  Result<bool> start(std::size_t index, const Requirements& requirements, const Snapshot& snapshot, double now) {
+    JobStatus& job = jobs_[index];
+    ReserveRequest request;
+    request.requirements = requirements;
+    request.command = "batch " + job.spec.name + ": " + job.spec.display_command();
+    request.holder_pending = true;  // the shepherd takes it over once it exists
+    const Snapshot* cached = &snapshot;
+    auto reservation = ledger_.reserve(
+        request, [cached]() -> Result<Snapshot> { return *cached; }, visibility_of_);
+    if (!reservation) return reservation.error();
+    if (!reservation->lease) return false;
+
+    const unsigned attempt = job.attempts + 1;
+    const AttemptFiles files = attempt_files(logs_dir_, job.spec.name, attempt);
+    ::unlink(files.status.c_str());
+    const int lock_fd = ::open(files.lock.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (lock_fd < 0 || ::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
+      if (lock_fd >= 0) ::close(lock_fd);
+      return make_error(Errc::state, "cannot create " + quote_for_message(files.lock) + ": " + std::strerror(errno));
+    }
+    // The transition is durable before it takes effect.
+    const JobStatus before = job;
+    job.state = JobState::running;
+    job.attempts = attempt;
+    job.gpu_indices = reservation->decision.chosen;
+    job.gpu_uuids.clear();
+    for (unsigned gpu : job.gpu_indices) job.gpu_uuids.push_back(snapshot.gpus[gpu].uuid);
+    job.started_at = now;
+    job.ended_at.reset();
+    job.exit_code.reset();
+    job.signal.reset();
+    job.not_before.reset();
+    job.reason.clear();
+    if (auto done = commit({index}); !done) {
+      job = before;
+      ::close(lock_fd);
+      return done.error();
+    }
+    const auto environment = job_environment(job, snapshot, reservation->lease->record().id);
+    auto pid = start_shepherd(job.spec, environment, *reservation->lease, files, lock_fd,
+                              {signal_fd_, inotify_fd_, logs_lock_fd_});
+    ::close(lock_fd);
+    if (!pid) {
+      job = before;
+      (void)commit({index});  // best effort: a journal still saying "running" is requeued on resume
+      return pid.error();
+    }
+    reservation->lease->detach();  // the shepherd holds it now
+    running_[*pid] = Attempt{index, *pid, false, files};
+    running_count_ = running_.size() + adopted_.size();
+    occupy_gpus(index);
+    observer_.on_event(BatchEvent{BatchEvent::Kind::started, &job, ""});
+    return true;
+  }
+
+  void report_progress() {
+    BatchProgress progress;
+    progress.total = jobs_.size();
+    progress.succeeded = succeeded_;
+    progress.failed = failed_;
+    progress.running = running_count_;
+    progress.waiting = jobs_.size() - finished_ - running_count_;
+    for (const auto& [gpu, load] : occupancy_) progress.gpus.push_back({gpu, load.first, load.second});
+    progress.waiting_reason = waiting_reason_;
+    observer_.on_progress(progress);
+  }
+
+  const std::vector<JobSpec>& specs_;
+  const BatchOptions& options_;
+  Ledger& ledger_;
+  const SnapshotSource& snapshot_source_;
+  const VisibilityOf& visibility_of_;
+  BatchObserver& observer_;
+
+  std::optional<Journal> journal_;
+  std::string logs_dir_;
+  std::vector<JobStatus> jobs_;
+  std::unordered_map<std::string, std::size_t> by_name_;
+  std::map<std::string, std::vector<std::size_t>> groups_;
+  std::vector<std::size_t> queue_;  // queued jobs, in file order
+  std::map<pid_t, Attempt> running_;
+  std::vector<Attempt> adopted_;
+  std::size_t running_count_ = 0;
+  std::size_t finished_ = 0, succeeded_ = 0, failed_ = 0;
+  std::map<unsigned, std::pair<unsigned, std::uint64_t>> occupancy_;
+  std::map<std::size_t, std::pair<BatchEvent::Kind, std::string>> pending_events_;
+  std::vector<AttemptFiles> cleanup_;
+  std::string waiting_reason_;
+
+  std::optional<Snapshot> snapshot_;
+  std::chrono::steady_clock::time_point snapshot_at_{};
+  Visibility visibility_;
+
+  int signal_fd_ = -1, inotify_fd_ = -1, logs_lock_fd_ = -1;
+  sigset_t old_mask_{};
+  bool signals_blocked_ = false;
+  bool stopping_ = false;
+  int stop_signal_ = 0;
+};
+
+}  // namespace
+
+Result<BatchResult> run_batch(const std::vector<JobSpec>& jobs, const BatchOptions& options, Ledger& ledger,
+                              const SnapshotSource& snapshot_source, const VisibilityOf& visibility_of,
+                              BatchObserver& observer) {
+  Scheduler scheduler(jobs, options, ledger, snapshot_source, visibility_of, observer);
+  return scheduler.run();
+}
+
+}  // namespace gpuslot
