@@ -37,7 +37,7 @@ namespace gpuslot {
 // One reservation as stored in its file (lease-<id>.json).
 struct LeaseRecord {
   std::string id;
-  pid_t holder_pid = 0;
+  pid_t holder_pid = 0;  // 0: pending, no holder process yet (ReserveRequest::holder_pending)
   unsigned long long holder_start_ticks = 0;  // /proc/<pid>/stat field 22: tells a reused pid apart
   uid_t uid = 0;
   std::string user;
@@ -70,6 +70,14 @@ class HeldLease {
   HeldLease& operator=(const HeldLease&) = delete;
 
   const LeaseRecord& record() const { return record_; }
+  // Makes `holder_pid` (with its start time from /proc) the lease's holder, keeping its id, GPUs
+  // and bytes: from then on that process tree's GPU memory is credited against the lease, as for
+  // `run`'s child. This process still holds the lease (its lifetime is still this object's).
+  // Meant for a scheduler that reserved with holder_pending and then spawned the job. The file is
+  // replaced atomically and is never seen unlocked, so no host lock is taken. Errc::state with
+  // the reason if `holder_pid` does not exist, the lease is no longer held (released, detached) or
+  // the new file cannot be written; the old lease is then left as it was.
+  Result<void> reassign(pid_t holder_pid);
   // Keeps the file (for `pick --hold`, whose lease outlives this process by its expiry).
   void detach();
   void release();
@@ -85,6 +93,11 @@ struct ReserveRequest {
   std::optional<std::chrono::milliseconds> hold;  // pick --hold: expiry instead of a holder lock
   pid_t owner_pid = 0;                    // whose process tree uses the memory (default: this process)
   pid_t owner_session = 0;                // with hold: the session whose processes will use it
+  // No holder process yet (a scheduler reserving before it spawns the job): the lease is
+  // published with holder pid 0 and start time 0, so no process tree's memory is credited against
+  // it and it counts in full until HeldLease::reassign names the job. It still lives exactly as
+  // long as this process holds it. Overrides owner_pid; meant for leases without `hold`.
+  bool holder_pending = false;
 };
 
 struct Reservation {

@@ -3,9 +3,11 @@
 
 #include <sys/types.h>
 
+#include <map>
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "gpuslot/error.hpp"
 #include "gpuslot/lease.hpp"
@@ -29,9 +31,11 @@ class HostLock {
 std::string to_json_text(const LeaseRecord& record);
 Result<LeaseRecord> from_json_text(const std::string& text);
 
-// Writes a new lease file atomically (temp file + rename) and returns its fd, flock'ed
-// exclusively *before* it becomes visible, so no reader can ever see it unlocked and think its
-// holder dead. Errc::state on any failure (full disk, permissions), leaving nothing behind.
+// Writes a lease file atomically (temp file + rename, replacing any file of the same id) and
+// returns its fd, flock'ed exclusively *before* it becomes visible, so no reader can ever see it
+// unlocked and think its holder dead. Errc::state on any failure (full disk, permissions), with
+// "cannot <step> lease file in <directory>: <reason>", leaving the temp file removed and any
+// previous file of that id in place.
 Result<int> write_lease_file(const std::string& directory, const LeaseRecord& record, bool lock_it);
 
 // True if some process holds an flock on `fd`'s file (probe with a shared, non-blocking lock).
@@ -40,21 +44,93 @@ bool is_locked_by_someone(int fd);
 // Current Unix time in milliseconds.
 std::int64_t now_ms();
 
-// Parent pid of a process from /proc (nullopt if gone). Cached per call site via the map.
-std::optional<pid_t> parent_of(pid_t pid, std::unordered_map<pid_t, pid_t>& cache);
+// What the lease accounting needs from /proc — holders' start times, GPU processes' parents and
+// sessions — each read once (one /proc/<pid>/stat read gives all three) and then remembered,
+// including "no such process". One instance lives for one select-and-reserve step, so facts are
+// at most a few milliseconds old when reused (see reserve_locked for why that is safe).
+class ProcessFacts {
+ public:
+  std::optional<unsigned long long> start_ticks(pid_t pid);
+  std::optional<pid_t> parent(pid_t pid);
+  std::optional<pid_t> session(pid_t pid);
+  // How many /proc reads this instance made (tests check the locked pass makes none).
+  std::size_t proc_reads() const { return proc_reads_; }
 
-// Who holds a lease about to be taken (pid, start time, uid, user, command): read from /proc
-// and /etc/passwd, so it is prepared before the host lock.
+ private:
+  struct Fields {
+    pid_t parent = 0;
+    pid_t session = 0;
+    unsigned long long start_ticks = 0;
+  };
+  const std::optional<Fields>& fields_of(pid_t pid);
+  std::unordered_map<pid_t, std::optional<Fields>> facts_;
+  std::size_t proc_reads_ = 0;
+};
+
+// Outstanding bytes per NVML index, filling each record's in_use_bytes (Ledger::outstanding with
+// the /proc facts supplied by the caller).
+OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Snapshot& snapshot, ProcessFacts& facts);
+
+// The lease files of a state directory, remembered between two looks so that the second one only
+// reads what changed. Select-and-reserve looks once before the host lock (reading every file) and
+// once under it: one readdir, and only names not seen before — or whose inode changed, i.e. that
+// were replaced by HeldLease::reassign — are read. Names no longer listed are forgotten; nothing
+// is used that the latest look did not list. Live leases' files stay open until the scan is
+// destroyed (at most 256 of them), which is what makes "same inode" mean "same file".
+class LeaseScan {
+ public:
+  explicit LeaseScan(std::string directory) : directory_(std::move(directory)) {}
+  LeaseScan(LeaseScan&&) = default;
+  LeaseScan& operator=(LeaseScan&&) = default;
+  LeaseScan(const LeaseScan&) = delete;
+  LeaseScan& operator=(const LeaseScan&) = delete;
+  // Lists the directory and reads the files that need it (see above). Warnings (corrupt or
+  // unsafe files) are given only for files read by this call, so one file is warned about once.
+  // Dead holders' and expired leases are removed where this user may.
+  void refresh(std::vector<std::string>* warnings);
+  // The live leases as of the latest refresh, oldest first.
+  std::vector<LeaseRecord> live() const;
+  // Lease files read so far (tests check what the locked pass reads).
+  std::size_t files_read() const { return files_read_; }
+
+ private:
+  struct Seen {
+    Seen(ino_t listed_inode, std::optional<LeaseRecord> read) : inode(listed_inode), record(std::move(read)) {}
+    Seen(Seen&& other) noexcept;
+    Seen& operator=(Seen&&) = delete;
+    ~Seen();
+    ino_t inode = 0;                    // as the listing gave it
+    std::optional<LeaseRecord> record;  // nullopt: dead, corrupt or unsafe — settled, not re-read
+    int pin = -1;                       // a live lease's file, kept open so its inode stays its own
+  };
+  std::string directory_;
+  std::map<std::string, Seen> seen_;  // by file name
+  std::size_t pinned_ = 0;
+  std::size_t files_read_ = 0;
+};
+
+// What select-and-reserve reads before the host lock, against the snapshot it will decide on.
+struct LedgerView {
+  LeaseScan scan;
+  ProcessFacts facts;
+};
+
+// Reads every lease file and the /proc facts their accounting needs (by charging them against
+// `snapshot` once). Call after taking the snapshot and before the host lock.
+LedgerView view_before_lock(const std::string& directory, const Snapshot& snapshot, std::vector<std::string>* warnings);
+
+// Who holds a lease about to be taken (id, pid, start time, uid, user, command): read from /proc
+// and /etc/passwd, so it is prepared before the host lock. With request.holder_pending the pid
+// and start time are 0.
 LeaseRecord holder_identity(const ReserveRequest& request);
 
 // Select-and-reserve with the host lock already held, on a snapshot that may predate the lock.
+// `view` is refreshed under the lock first (one readdir; see LeaseScan); a default-constructed
+// view (LedgerView{LeaseScan(directory), {}}) reads everything under the lock instead.
 // `take` = false only decides (to describe why a waiter waits) and writes nothing.
 Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request, const LeaseRecord& identity,
                                    Snapshot snapshot, const VisibilityOf& visibility_of, bool take,
-                                   std::vector<std::string>* warnings);
-
-// Session id of a process from /proc (nullopt if gone).
-std::optional<pid_t> session_of(pid_t pid);
+                                   LedgerView& view, std::vector<std::string>* warnings);
 
 // New random lease id: "<pid>-<8 hex>".
 std::string new_lease_id();

@@ -63,7 +63,8 @@ Result<LeaseRecord> from_json_text(const std::string& text) {
     record.taken_at_ms = json.at("taken_at_ms").get<std::int64_t>();
     if (!json.at("expires_at_ms").is_null()) record.expires_at_ms = json.at("expires_at_ms").get<std::int64_t>();
     record.holder_session = json.value("holder_session", pid_t(0));
-    if (record.id.empty() || record.gpu_uuids.empty() || record.holder_pid <= 0) {
+    // holder_pid 0 is a pending lease (ReserveRequest::holder_pending): live by its lock, no tree.
+    if (record.id.empty() || record.gpu_uuids.empty() || record.holder_pid < 0) {
       return make_error(Errc::bad_input, "incomplete lease");
     }
     return record;
@@ -78,7 +79,7 @@ Result<int> write_lease_file(const std::string& directory, const LeaseRecord& re
   auto fail = [&](const std::string& what) -> Result<int> {
     const std::string why = std::strerror(errno);
     ::unlink(temp_path.c_str());
-    return make_error(Errc::state, "cannot " + what + " lease file in " + directory + ": " + why + "; nothing was launched");
+    return make_error(Errc::state, "cannot " + what + " lease file in " + directory + ": " + why);
   };
   const int fd = ::open(temp_path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
   if (fd < 0) return fail("create");
@@ -126,6 +127,36 @@ void HeldLease::detach() {
   if (fd_ >= 0) ::close(fd_);
   fd_ = -1;
   record_.path.clear();
+}
+
+Result<void> HeldLease::reassign(pid_t holder_pid) {
+  if (fd_ < 0 || record_.path.empty()) {
+    return make_error(Errc::state, "cannot reassign lease " + record_.id + ": this process no longer holds it");
+  }
+  const auto start_ticks = process_start_ticks(holder_pid);
+  if (!start_ticks) {
+    return make_error(Errc::state, "cannot reassign lease " + record_.id + " to pid " + std::to_string(holder_pid) +
+                                       ": no such process");
+  }
+  // No host lock: a reader sees either the old file or the new one, never neither (rename is
+  // atomic) and never an unlocked one (the new file is flock'ed before the rename; the old one
+  // stays locked until it is no longer the name's file, and a reader that finds the old inode
+  // unlocked sees the name moved on and reads again, see read_lease). Both versions reserve the
+  // same bytes on the same GPUs; they differ only in whose process tree is credited, and a
+  // decision made on either is one that could have been made a moment earlier or later.
+  LeaseRecord next = record_;
+  next.holder_pid = holder_pid;
+  next.holder_start_ticks = *start_ticks;
+  const std::string directory = record_.path.substr(0, record_.path.rfind('/'));
+  auto fd = lease_internal::write_lease_file(directory, next, /*lock_it=*/true);
+  if (!fd) {
+    return make_error(Errc::state, "cannot reassign lease " + record_.id + " to pid " + std::to_string(holder_pid) +
+                                       ": " + fd.error().message + "; it still names pid " + std::to_string(record_.holder_pid));
+  }
+  ::close(fd_);  // only now: until the rename above, this lock kept the old file live
+  fd_ = *fd;
+  record_ = std::move(next);
+  return {};
 }
 
 void HeldLease::release() {

@@ -1,14 +1,12 @@
 // ledger.cpp — reading the leases, charging them against GPUs, and select-and-reserve.
-#include <dirent.h>
-#include <fcntl.h>
 #include <pwd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <map>
-#include <set>
 
 #include "lease/internal.hpp"
 
@@ -26,75 +24,48 @@ std::string user_name(uid_t uid) {
   return std::to_string(uid);
 }
 
-// Reads one lease file defensively. nullopt (with a warning where useful) for anything that is
-// not a live, well-formed lease owned by the uid it claims.
-std::optional<LeaseRecord> read_lease(const std::string& path, std::vector<std::string>* warnings) {
-  auto warn = [&](const std::string& why) {
-    if (warnings != nullptr) warnings->push_back("ignoring lease file " + path + ": " + why);
-  };
-  const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) {
-    if (errno == ELOOP) warn("it is a symlink");
-    return std::nullopt;  // ENOENT: released while we listed the directory
-  }
-  struct stat info {};
-  if (::fstat(fd, &info) != 0 || !S_ISREG(info.st_mode) || (info.st_mode & (S_IWGRP | S_IWOTH)) != 0 ||
-      info.st_size > 65536) {
-    ::close(fd);
-    warn("not a regular file, group/world-writable, or too large");
-    return std::nullopt;
-  }
-  std::string text(std::size_t(info.st_size), '\0');
-  const ssize_t n = ::pread(fd, text.data(), text.size(), 0);
-  text.resize(n > 0 ? std::size_t(n) : 0);
-  auto record = from_json_text(text);
-  const bool locked = is_locked_by_someone(fd);
-  ::close(fd);
-  if (!record) {
-    warn(record.error().message);
-    return std::nullopt;
-  }
-  if (record->uid != info.st_uid) {
-    warn("it claims uid " + std::to_string(record->uid) + " but is owned by uid " + std::to_string(info.st_uid));
-    return std::nullopt;
-  }
-  const bool live = record->expires_at_ms ? now_ms() < *record->expires_at_ms : locked;
-  if (!live) {
-    ::unlink(path.c_str());  // our own or root's to clean; the sticky bit refuses others, harmlessly
-    return std::nullopt;
-  }
-  record->path = path;
-  return std::move(record).value();
-}
-
 }  // namespace
 
 Ledger::Ledger(std::string directory) : directory_(std::move(directory)) {}
 
 std::vector<LeaseRecord> Ledger::live_leases(std::vector<std::string>* warnings) const {
-  std::vector<LeaseRecord> leases;
-  DIR* dir = ::opendir(directory_.c_str());
-  if (dir == nullptr) return leases;
-  while (const dirent* entry = ::readdir(dir)) {
-    const std::string name = entry->d_name;
-    if (name.rfind("lease-", 0) != 0 || name.size() < 11 || name.compare(name.size() - 5, 5, ".json") != 0) continue;
-    if (auto record = read_lease(directory_ + "/" + name, warnings)) leases.push_back(std::move(*record));
-  }
-  ::closedir(dir);
-  std::sort(leases.begin(), leases.end(), [](const LeaseRecord& a, const LeaseRecord& b) { return a.taken_at_ms < b.taken_at_ms; });
-  return leases;
+  LeaseScan scan(directory_);
+  scan.refresh(warnings);
+  return scan.live();
 }
 
 OutstandingReservations Ledger::outstanding(std::vector<LeaseRecord>& leases, const Snapshot& snapshot) {
+  ProcessFacts facts;
+  return charge_leases(leases, snapshot, facts);
+}
+
+Result<Reservation> Ledger::reserve(const ReserveRequest& request, const SnapshotSource& snapshot_source,
+                                    const VisibilityOf& visibility_of, std::vector<std::string>* warnings) {
+  // NVML, /etc/passwd, the lease files and /proc are read before the lock (see reserve_locked),
+  // so the lock is held only for one readdir, deciding and publishing.
+  auto snapshot = snapshot_source();
+  if (!snapshot) return std::move(snapshot).error();
+  const LeaseRecord identity = holder_identity(request);
+  LedgerView view = view_before_lock(directory_, *snapshot, warnings);
+  auto lock = HostLock::acquire(directory_);
+  if (!lock) return lock.error();
+  return reserve_locked(*this, request, identity, std::move(*snapshot), visibility_of, /*take=*/true, view, warnings);
+}
+
+namespace lease_internal {
+
+OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Snapshot& snapshot, ProcessFacts& facts) {
   // Holder pid -> leases it holds, but only while that pid is still the process that took them.
+  // A pending lease (holder pid 0) has no holder yet: nothing is credited against it.
   std::map<pid_t, std::vector<std::size_t>> by_holder;
   for (std::size_t i = 0; i < leases.size(); ++i) {
     leases[i].in_use_bytes = 0;
-    if (process_start_ticks(leases[i].holder_pid) == leases[i].holder_start_ticks) by_holder[leases[i].holder_pid].push_back(i);
+    if (leases[i].holder_pid > 0 && facts.start_ticks(leases[i].holder_pid) == leases[i].holder_start_ticks) {
+      by_holder[leases[i].holder_pid].push_back(i);
+    }
   }
   // Memory each lease's process tree uses on each GPU: walk each GPU process up to its ancestors.
   std::map<std::pair<std::size_t, std::string>, std::uint64_t> in_use;
-  std::unordered_map<pid_t, pid_t> parents;
   // Holds are attributed by session: the process that will use them is not born yet.
   std::map<pid_t, std::vector<std::size_t>> by_session;
   for (std::size_t i = 0; i < leases.size(); ++i) {
@@ -104,7 +75,7 @@ OutstandingReservations Ledger::outstanding(std::vector<LeaseRecord>& leases, co
     for (const auto& process : gpu.processes) {
       if (!process.used_bytes) continue;
       if (!by_session.empty()) {
-        if (auto session = session_of(process.pid); session) {
+        if (auto session = facts.session(process.pid); session) {
           if (auto it = by_session.find(*session); it != by_session.end()) {
             for (std::size_t i : it->second) {
               const auto& uuids = leases[i].gpu_uuids;
@@ -127,7 +98,7 @@ OutstandingReservations Ledger::outstanding(std::vector<LeaseRecord>& leases, co
           }
           break;
         }
-        auto parent = parent_of(pid, parents);
+        auto parent = facts.parent(pid);
         if (!parent) break;
         pid = *parent;
       }
@@ -145,24 +116,13 @@ OutstandingReservations Ledger::outstanding(std::vector<LeaseRecord>& leases, co
   return outstanding;
 }
 
-Result<Reservation> Ledger::reserve(const ReserveRequest& request, const SnapshotSource& snapshot_source,
-                                    const VisibilityOf& visibility_of, std::vector<std::string>* warnings) {
-  // NVML and /etc/passwd are read before the lock (see reserve_locked), so the lock is held only
-  // for listing leases, deciding and publishing.
-  auto snapshot = snapshot_source();
-  if (!snapshot) return std::move(snapshot).error();
-  const LeaseRecord identity = holder_identity(request);
-  auto lock = HostLock::acquire(directory_);
-  if (!lock) return lock.error();
-  return reserve_locked(*this, request, identity, std::move(*snapshot), visibility_of, /*take=*/true, warnings);
-}
-
-namespace lease_internal {
-
 LeaseRecord holder_identity(const ReserveRequest& request) {
   LeaseRecord record;
-  record.holder_pid = request.owner_pid > 0 ? request.owner_pid : ::getpid();
-  record.holder_start_ticks = process_start_ticks(record.holder_pid).value_or(0);
+  record.id = new_lease_id();  // random bytes: drawn here rather than under the lock
+  if (!request.holder_pending) {
+    record.holder_pid = request.owner_pid > 0 ? request.owner_pid : ::getpid();
+    record.holder_start_ticks = process_start_ticks(record.holder_pid).value_or(0);
+  }
   record.uid = ::geteuid();
   record.user = user_name(record.uid);
   record.reserved_bytes = request.requirements.memory_bytes;
@@ -171,15 +131,33 @@ LeaseRecord holder_identity(const ReserveRequest& request) {
   return record;
 }
 
+LedgerView view_before_lock(const std::string& directory, const Snapshot& snapshot, std::vector<std::string>* warnings) {
+  LedgerView view{LeaseScan(directory), {}};
+  view.scan.refresh(warnings);
+  std::vector<LeaseRecord> leases = view.scan.live();
+  charge_leases(leases, snapshot, view.facts);  // for the /proc facts it reads; the result is redone under the lock
+  return view;
+}
+
 Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request, const LeaseRecord& identity,
                                    Snapshot snapshot, const VisibilityOf& visibility_of, bool take,
-                                   std::vector<std::string>* warnings) {
-  // `snapshot` may predate the lock. That errs only on the safe side: a lease published since is
-  // in `leases` with none of its memory yet in the snapshot, so it is charged in full; memory
-  // freed since still shows as used.
+                                   LedgerView& view, std::vector<std::string>* warnings) {
+  // `snapshot`, the lease files read before the lock and `view.facts` may all predate the lock.
+  // That errs only on the safe side:
+  // - the set of leases is exactly the set listed now, under the lock (a name not listed now is
+  //   not used, a name new or replaced since is read now), so every lease that can exist while we
+  //   decide is counted; one that died since the first look is still counted, in full or less
+  //   what its tree showed — more than the nothing it should count for;
+  // - a lease published since the snapshot has none of its memory in it, so it is charged in full;
+  //   memory freed since the snapshot still shows as used;
+  // - /proc facts (holder start times, parents, sessions) a few ms old can only be out of date for
+  //   a process that has exited since: a dead holder (its lease is dead, see above) or a GPU
+  //   process whose parent died and that was re-parented (its memory is still credited to the
+  //   lease whose tree started it, as it was when it allocated).
   const std::string& directory = ledger.directory();
-  std::vector<LeaseRecord> leases = ledger.live_leases(warnings);
-  const OutstandingReservations reservations = Ledger::outstanding(leases, snapshot);
+  view.scan.refresh(warnings);
+  std::vector<LeaseRecord> leases = view.scan.live();
+  const OutstandingReservations reservations = charge_leases(leases, snapshot, view.facts);
 
   // A `pick --hold` lease whose memory has shown up has done its job: end it early.
   for (const auto& lease : leases) {
@@ -192,7 +170,7 @@ Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request
   if (!reservation.decision.fits() || !take) return reservation;
 
   LeaseRecord record = identity;
-  record.id = new_lease_id();
+  if (record.id.empty()) record.id = new_lease_id();
   for (unsigned index : reservation.decision.chosen) {
     record.gpu_uuids.push_back(reservation.snapshot.gpus[index].uuid);
     record.nvml_indices.push_back(index);
@@ -201,7 +179,7 @@ Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request
   if (request.hold) record.expires_at_ms = record.taken_at_ms + request.hold->count();
 
   auto fd = write_lease_file(directory, record, !request.hold.has_value());
-  if (!fd) return fd.error();
+  if (!fd) return make_error(Errc::state, fd.error().message + "; nothing was launched");
   record.path = directory + "/lease-" + record.id + ".json";
   reservation.lease = std::make_unique<HeldLease>(std::move(record), *fd);
   if (request.hold) reservation.lease->detach();  // lives by its expiry, not by this process

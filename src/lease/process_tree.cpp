@@ -1,11 +1,17 @@
 // process_tree.cpp — what /proc says about a process: its start time (to tell a reused pid
-// apart) and its parent (to attribute GPU memory to the lease whose holder started it).
+// apart), its parent (to attribute GPU memory to the lease whose holder started it) and its
+// session (to attribute memory to a `pick --hold`).
+//
+// All three come from one read of /proc/<pid>/stat, and ProcessFacts keeps what it read: a
+// select-and-reserve reads /proc before the host lock and decides under the lock from the same
+// facts, so the lock is not held for /proc reads.
+#include <fcntl.h>
 #include <sys/types.h>
 #include <unistd.h>
 
 #include <cstdio>
-#include <fstream>
-#include <sstream>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "lease/internal.hpp"
@@ -13,54 +19,82 @@
 namespace gpuslot {
 namespace {
 
+struct StatFields {
+  pid_t parent = 0;
+  pid_t session = 0;
+  unsigned long long start_ticks = 0;
+};
+
 // Fields of /proc/<pid>/stat after the command, which is in parentheses and may itself contain
-// spaces and parentheses: split after the *last* ')'.
-bool read_stat_fields(pid_t pid, std::string& after_command) {
-  std::ifstream file("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!std::getline(file, line)) return false;
-  const auto close = line.rfind(')');
-  if (close == std::string::npos) return false;
-  after_command = line.substr(close + 1);
-  return true;
+// spaces and parentheses: split after the *last* ')'. Then field 3 (state), 4 (ppid), 5 (pgrp),
+// 6 (session) … 22 (starttime).
+std::optional<StatFields> read_stat(pid_t pid) {
+  if (pid <= 0) return std::nullopt;
+  char path[48];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", int(pid));
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::nullopt;
+  char buffer[1024];  // the command is at most 64 bytes; the numbers fit with room to spare
+  const ssize_t n = ::read(fd, buffer, sizeof buffer - 1);
+  ::close(fd);
+  if (n <= 0) return std::nullopt;
+  buffer[n] = '\0';
+  const char* close = std::strrchr(buffer, ')');
+  if (close == nullptr) return std::nullopt;
+  const char* cursor = close + 1;
+  StatFields fields;
+  for (int field = 3; field <= 22; ++field) {
+    while (*cursor == ' ') ++cursor;
+    if (*cursor == '\0' || *cursor == '\n') return std::nullopt;
+    char* end = nullptr;
+    if (field == 4) fields.parent = pid_t(std::strtol(cursor, &end, 10));
+    else if (field == 6) fields.session = pid_t(std::strtol(cursor, &end, 10));
+    else if (field == 22) fields.start_ticks = std::strtoull(cursor, &end, 10);
+    if (end == nullptr) {
+      end = const_cast<char*>(cursor);
+      while (*end != ' ' && *end != '\0' && *end != '\n') ++end;
+    } else if (end == cursor) {
+      return std::nullopt;
+    }
+    cursor = end;
+  }
+  return fields;
 }
 
 }  // namespace
 
 std::optional<unsigned long long> process_start_ticks(pid_t pid) {
-  std::string fields;
-  if (pid <= 0 || !read_stat_fields(pid, fields)) return std::nullopt;
-  std::istringstream in(fields);
-  std::string field;
-  // After the command come field 3 (state) … field 22 (starttime): skip 19, read the 20th.
-  for (int i = 0; i < 19; ++i) in >> field;
-  unsigned long long start = 0;
-  if (!(in >> start)) return std::nullopt;
-  return start;
+  const auto fields = read_stat(pid);
+  if (!fields) return std::nullopt;
+  return fields->start_ticks;
 }
 
 namespace lease_internal {
 
-std::optional<pid_t> parent_of(pid_t pid, std::unordered_map<pid_t, pid_t>& cache) {
-  if (auto it = cache.find(pid); it != cache.end()) return it->second;
-  std::string fields;
-  if (pid <= 0 || !read_stat_fields(pid, fields)) return std::nullopt;
-  std::istringstream in(fields);
-  std::string state;
-  pid_t parent = 0;
-  if (!(in >> state >> parent)) return std::nullopt;
-  cache[pid] = parent;
-  return parent;
+const std::optional<ProcessFacts::Fields>& ProcessFacts::fields_of(pid_t pid) {
+  if (auto it = facts_.find(pid); it != facts_.end()) return it->second;
+  ++proc_reads_;
+  std::optional<Fields> fields;
+  if (auto read = read_stat(pid)) fields = Fields{read->parent, read->session, read->start_ticks};
+  return facts_.emplace(pid, fields).first->second;
 }
 
-std::optional<pid_t> session_of(pid_t pid) {
-  std::string fields;
-  if (pid <= 0 || !read_stat_fields(pid, fields)) return std::nullopt;
-  std::istringstream in(fields);
-  std::string state;
-  pid_t parent = 0, group = 0, session = 0;
-  if (!(in >> state >> parent >> group >> session)) return std::nullopt;
-  return session;
+std::optional<unsigned long long> ProcessFacts::start_ticks(pid_t pid) {
+  const auto& fields = fields_of(pid);
+  if (!fields) return std::nullopt;
+  return fields->start_ticks;
+}
+
+std::optional<pid_t> ProcessFacts::parent(pid_t pid) {
+  const auto& fields = fields_of(pid);
+  if (!fields) return std::nullopt;
+  return fields->parent;
+}
+
+std::optional<pid_t> ProcessFacts::session(pid_t pid) {
+  const auto& fields = fields_of(pid);
+  if (!fields) return std::nullopt;
+  return fields->session;
 }
 
 }  // namespace lease_internal

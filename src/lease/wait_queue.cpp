@@ -129,13 +129,27 @@ Result<Reservation> Ledger::reserve_waiting(const ReserveRequest& request, const
   bool announced = false;
   bool was_first = true;  // a waiter that was first last time will likely decide again: snapshot early
   const LeaseRecord identity = holder_identity(request);
+  // Each attempt reads the leases afresh (a lease whose holder died since the last attempt must
+  // stop counting), but a corrupt or unsafe file is reported once per command, not per attempt.
+  std::vector<std::string> attempt_warnings;
+  auto pass_on_warnings = [&] {
+    if (warnings != nullptr) {
+      for (auto& warning : attempt_warnings) {
+        if (std::find(warnings->begin(), warnings->end(), warning) == warnings->end()) warnings->push_back(std::move(warning));
+      }
+    }
+    attempt_warnings.clear();
+  };
   for (;;) {
     std::string pending;
     std::optional<Snapshot> early;
+    // Leases read before the lock when the snapshot is (see Ledger::reserve); otherwise under it.
+    LedgerView view{LeaseScan(directory_), {}};
     if (was_first) {
       auto snapshot = snapshot_source();
       if (!snapshot) return std::move(snapshot).error();
       early = std::move(*snapshot);
+      view = view_before_lock(directory_, *early, &attempt_warnings);
     }
     {
       auto lock = HostLock::acquire(directory_);
@@ -150,7 +164,9 @@ Result<Reservation> Ledger::reserve_waiting(const ReserveRequest& request, const
           if (!snapshot) return std::move(snapshot).error();
           early = std::move(*snapshot);
         }
-        auto attempt = reserve_locked(*this, request, identity, std::move(*early), visibility_of, /*take=*/ahead == 0, warnings);
+        auto attempt = reserve_locked(*this, request, identity, std::move(*early), visibility_of, /*take=*/ahead == 0,
+                                      view, &attempt_warnings);
+        pass_on_warnings();
         if (!attempt) return attempt;
         if (attempt->lease || attempt->decision.impossible) return attempt;  // got it, or waiting cannot help
         pending = attempt->decision.summary;
@@ -163,6 +179,7 @@ Result<Reservation> Ledger::reserve_waiting(const ReserveRequest& request, const
         if (auto taken = take_ticket(directory_, ticket); !taken) return taken.error();
       }
     }
+    pass_on_warnings();
     if (!announced) {
       on_pending(pending);
       announced = true;

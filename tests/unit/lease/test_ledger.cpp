@@ -1,56 +1,21 @@
 // The ledger against hand-made snapshots in a private state directory.
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 
 #include "gpuslot/lease.hpp"
 #include "gpuslot/units.hpp"
+#include "unit/lease/ledger_fixture.hpp"
 
 namespace gpuslot {
 namespace {
 
-Snapshot one_gpu(std::uint64_t used_by_me = 0) {
-  Snapshot snapshot;
-  GpuInfo gpu;
-  gpu.nvml_index = 0;
-  gpu.uuid = "GPU-11111111-2222-3333-4444-555555555555";
-  gpu.memory_total_bytes = 24 * kGiB;
-  gpu.memory_used_bytes = used_by_me;
-  gpu.memory_free_bytes = 24 * kGiB - used_by_me;
-  if (used_by_me > 0) gpu.processes.push_back(GpuProcess{::getpid(), used_by_me, std::nullopt, std::nullopt});
-  snapshot.gpus.push_back(gpu);
-  return snapshot;
-}
-
-class LedgerTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    directory_ = std::filesystem::temp_directory_path() / ("gpuslot-unit-" + std::to_string(::getpid()) + "-" +
-                                                           ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::remove_all(directory_);
-    auto opened = open_state_directory(directory_.string());
-    ASSERT_TRUE(opened.ok()) << opened.error().message;
-  }
-  void TearDown() override { std::filesystem::remove_all(directory_); }
-
-  Result<Reservation> reserve(Ledger& ledger, std::uint64_t bytes, const Snapshot& snapshot) {
-    ReserveRequest request;
-    request.requirements.memory_bytes = bytes;
-    request.command = "unit test";
-    return ledger.reserve(
-        request, [&] { return Result<Snapshot>(snapshot); },
-        [](const Snapshot& s) {
-          Visibility visibility;
-          for (const auto& gpu : s.gpus) visibility.visible.push_back(gpu.nvml_index);
-          return visibility;
-        });
-  }
-
-  std::filesystem::path directory_;
-};
+using namespace testing_lease;
 
 TEST_F(LedgerTest, StateDirectoryIsCreatedStickyWorldWritable) {
   struct stat info {};
@@ -90,6 +55,56 @@ TEST_F(LedgerTest, MemoryOfTheHoldersTreeIsNotCountedTwice) {
   EXPECT_EQ(loaded.count(0), 0u) << "a model above its reservation leaves nothing outstanding";
 }
 
+TEST_F(LedgerTest, PendingLeaseCountsInFullEvenWhenItsOwnerShowsMemory) {
+  // A scheduler reserves before it spawns the job; its own GPU memory (or another job's it
+  // started) must not be credited against the new lease.
+  Ledger ledger(directory_.string());
+  ReserveRequest request = request_of(10 * kGiB);
+  request.holder_pending = true;
+  auto held = reserve(ledger, request, one_gpu());
+  ASSERT_TRUE(held.ok() && held->lease);
+  EXPECT_EQ(held->lease->record().holder_pid, 0);
+  EXPECT_EQ(held->lease->record().holder_start_ticks, 0u);
+  std::vector<std::string> warnings;
+  std::vector<LeaseRecord> leases = ledger.live_leases(&warnings);
+  EXPECT_TRUE(warnings.empty()) << warnings.front();
+  ASSERT_EQ(leases.size(), 1u) << "a pending lease is a well-formed, live lease";
+  EXPECT_EQ(leases.front().holder_pid, 0);
+  const OutstandingReservations outstanding = Ledger::outstanding(leases, one_gpu(6 * kGiB));
+  EXPECT_EQ(outstanding.at(0), 10 * kGiB);
+  EXPECT_EQ(leases.front().in_use_bytes, 0u);
+  // The same request without holder_pending is credited with this process's 6 GiB.
+  auto plain = reserve(ledger, 1 * kGiB, one_gpu());
+  ASSERT_TRUE(plain.ok() && plain->lease);
+  std::vector<LeaseRecord> both = ledger.live_leases();
+  ASSERT_EQ(both.size(), 2u);
+  EXPECT_EQ(Ledger::outstanding(both, one_gpu(6 * kGiB)).at(0), 10 * kGiB) << "1 GiB lease fully used, pending one in full";
+}
+
+TEST_F(LedgerTest, PendingLeaseDiesWithItsOwner) {
+  Ledger ledger(directory_.string());
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    ReserveRequest request = request_of(10 * kGiB);
+    request.holder_pending = true;
+    auto held = reserve(ledger, request, one_gpu());
+    const char ok = held.ok() && held->lease ? 'y' : 'n';
+    (void)!::write(ready[1], &ok, 1);
+    for (;;) ::pause();
+  }
+  char ok = 0;
+  ASSERT_EQ(::read(ready[0], &ok, 1), 1);
+  EXPECT_EQ(ok, 'y');
+  EXPECT_EQ(ledger.live_leases().size(), 1u);
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  ::close(ready[0]);
+  ::close(ready[1]);
+  EXPECT_TRUE(ledger.live_leases().empty()) << "the lock, not the (absent) holder pid, keeps a pending lease alive";
+}
+
 TEST_F(LedgerTest, CorruptLeaseFileIsIgnoredWithAWarning) {
   std::ofstream(directory_ / "lease-bogus.json") << "{\"format\": 1, \"id\": ";
   ::chmod((directory_ / "lease-bogus.json").c_str(), 0644);
@@ -98,9 +113,29 @@ TEST_F(LedgerTest, CorruptLeaseFileIsIgnoredWithAWarning) {
   EXPECT_TRUE(ledger.live_leases(&warnings).empty());
   ASSERT_EQ(warnings.size(), 1u);
   EXPECT_NE(warnings[0].find("lease-bogus.json"), std::string::npos);
-  auto reserved = reserve(ledger, 10 * kGiB, one_gpu());
+  warnings.clear();
+  auto reserved = reserve(ledger, 10 * kGiB, one_gpu(), &warnings);
   ASSERT_TRUE(reserved.ok());
   EXPECT_TRUE(reserved->lease);
+  EXPECT_EQ(warnings.size(), 1u) << "read before and under the lock, but warned about once";
+}
+
+TEST_F(LedgerTest, CorruptLeaseFileIsWarnedOnceWhileWaiting) {
+  std::ofstream(directory_ / "lease-bogus.json") << "not json";
+  ::chmod((directory_ / "lease-bogus.json").c_str(), 0644);
+  Ledger ledger(directory_.string());
+  auto big = reserve(ledger, 20 * kGiB, one_gpu());
+  ASSERT_TRUE(big.ok() && big->lease);
+  std::vector<std::string> warnings;
+  int pending_calls = 0;
+  const Snapshot snapshot = one_gpu();
+  auto waited = ledger.reserve_waiting(
+      request_of(10 * kGiB), [&] { return Result<Snapshot>(snapshot); }, all_visible, std::chrono::milliseconds(700),
+      [&](const std::string&) { ++pending_calls; }, &warnings);
+  ASSERT_FALSE(waited.ok());
+  EXPECT_EQ(waited.error().code, Errc::timeout);
+  EXPECT_EQ(pending_calls, 1);
+  EXPECT_EQ(warnings.size(), 1u) << "several attempts (every 250 ms), one warning";
 }
 
 TEST_F(LedgerTest, UnlockedLeaseOfALivePidIsDeadNotRevived) {
