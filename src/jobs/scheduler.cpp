@@ -100,10 +100,19 @@ class Scheduler {
     if (::mkdir(logs_dir_.c_str(), 0755) != 0 && errno != EEXIST) {
       return make_error(Errc::state, "cannot create the logs folder " + quote_for_message(logs_dir_) + ": " + std::strerror(errno));
     }
-    // One scheduler per journal: the lock is on the logs folder (not on the database, whose
-    // POSIX locks SQLite owns), and it is never inherited by a shepherd.
-    logs_lock_fd_ = ::open(logs_dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (logs_lock_fd_ < 0 || ::flock(logs_lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+    // One scheduler per journal. A classic POSIX record lock on a file of its own (not the
+    // database, whose locks SQLite owns): unlike flock, it belongs to the process and is not
+    // inherited by a forked shepherd, so it is free the instant the scheduler dies, even while a
+    // just-forked shepherd has not yet run.
+    const std::string lock_path = logs_dir_ + "/scheduler.lock";
+    logs_lock_fd_ = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+    struct flock whole {};
+    whole.l_type = F_WRLCK;
+    whole.l_whence = SEEK_SET;
+    if (logs_lock_fd_ < 0) {
+      return make_error(Errc::state, "cannot open " + quote_for_message(lock_path) + ": " + std::strerror(errno));
+    }
+    if (::fcntl(logs_lock_fd_, F_SETLK, &whole) != 0) {
       return make_error(Errc::state, "journal " + quote_for_message(options_.journal_path) +
                                          " is in use by another gpuslot batch (wait for it, or stop it first)");
     }
@@ -271,9 +280,10 @@ class Scheduler {
       pending_events_[index] = {BatchEvent::Kind::succeeded, ""};
       return;
     }
-    if (stopping_ && outcome->signal && (*outcome->signal == stop_signal_ || *outcome->signal == SIGKILL)) {
+    if (stopping_) {
+      // It ended badly after we forwarded the stop signal to it: interrupted, not failed.
       job.state = JobState::queued;
-      job.reason = "interrupted by signal " + std::to_string(*outcome->signal) + "; --resume runs it again";
+      job.reason = "interrupted (signal " + std::to_string(stop_signal_) + " forwarded); --resume runs it again";
       queue_.push_back(index);
       pending_events_[index] = {BatchEvent::Kind::interrupted, job.reason};
       return;
