@@ -1,0 +1,141 @@
+// device_api.cpp — resolve_device: a service's `…_DEVICE=auto|cuda|cuda:N|cpu|GPU-<uuid>` setting
+// resolved in-process, with the rules and the stderr lines of `gpuslot device`
+// (src/cli/cmd_device.cpp; tests/python/test_resolve_device.py checks both agree case by case).
+// The one difference is deliberate: with a memory request the choice is also reserved for the
+// life of the calling process, which a command that exits at once cannot do.
+#include <cstdlib>
+#include <exception>
+
+#include "api/lease_state.hpp"
+#include "api/session.hpp"
+#include "cli/report.hpp"
+
+namespace gpuslot {
+
+Result<DeviceResolution> resolve_device(const DeviceRequest& request, Explanation* explanation) {
+  try {
+    DeviceResolution resolution;
+    auto say = [&resolution](std::string line) { resolution.log.push_back(std::move(line)); };
+    auto cpu = [&resolution](std::string why) {
+      resolution.log.push_back(std::move(why));
+      resolution.device = "cpu";
+      return resolution;
+    };
+
+    std::string spec_text;
+    std::string source = "argument";
+    if (request.spec) {
+      spec_text = *request.spec;
+    } else {
+      const char* from_env = request.env.empty() ? nullptr : std::getenv(request.env.c_str());
+      if (from_env != nullptr && *from_env != '\0') {
+        spec_text = from_env;
+        source = request.env;
+      } else {
+        spec_text = "auto";
+        source = "default";
+      }
+    }
+    auto parsed = parse_device_spec(spec_text);
+    if (!parsed) {
+      Error error = std::move(parsed).error();
+      if (source != "argument") error.message += " (from " + source + ")";
+      return error;
+    }
+    const DeviceSpec spec = *parsed;
+    if (spec.kind == DeviceSpec::Kind::cpu) return cpu("device cpu requested (" + source + "): using cpu");
+
+    auto snapshot_result = api::snapshot();
+    if (!snapshot_result) {
+      if (spec.kind == DeviceSpec::Kind::automatic && snapshot_result.error().code == Errc::nvml_unavailable) {
+        say("no NVIDIA driver: " + snapshot_result.error().message);
+        return cpu("auto: using cpu");
+      }
+      return std::move(snapshot_result).error();
+    }
+    const Snapshot& snapshot = *snapshot_result;
+    const Visibility visibility = current_visibility(snapshot);
+    if (spec.kind == DeviceSpec::Kind::automatic && visibility.visible.empty()) {
+      say(snapshot.gpus.empty() ? "no NVIDIA GPU on this host" : "no GPU is visible to this process (CUDA_VISIBLE_DEVICES)");
+      return cpu("auto: using cpu");
+    }
+    if (visibility.visible.empty()) {
+      return make_error(Errc::nvml_unavailable, "device " + spec_text + " needs a GPU, but " +
+                                                    (snapshot.gpus.empty() ? std::string("this host has none")
+                                                                           : "CUDA_VISIBLE_DEVICES hides every GPU"));
+    }
+    if (visibility.ambiguity) return make_error(Errc::bad_input, *visibility.ambiguity);
+
+    const std::string restriction =
+        spec.kind == DeviceSpec::Kind::cuda_ordinal || spec.kind == DeviceSpec::Kind::uuid ? spec_text : std::string();
+    auto candidates = api::restrict_to_device(restriction, snapshot, visibility);
+    if (!candidates) return std::move(candidates).error();
+    for (unsigned index : visibility.visible) say(cli::memory_line(snapshot.gpus[index]));
+
+    Requirements requirements;
+    requirements.memory_bytes = request.memory_bytes;
+    requirements.strategy = request.strategy;
+    std::vector<std::string> warnings;
+    Decision decision;
+    std::unique_ptr<HeldLease> held;
+    auto ledger = api::ledger();
+    if (request.memory_bytes > 0) {
+      // Select and reserve atomically, on the snapshot already read.
+      if (!ledger) return std::move(ledger).error();
+      ReserveRequest reserve;
+      reserve.requirements = requirements;
+      reserve.command = request.command.empty() ? api::default_command("resolve_device") : request.command;
+      const Visibility narrowed = *candidates;
+      auto reservation = ledger->reserve(
+          reserve, [&snapshot]() -> Result<Snapshot> { return snapshot; },
+          [&narrowed](const Snapshot&) { return narrowed; }, &warnings);
+      if (!reservation) return std::move(reservation).error();
+      decision = std::move(reservation->decision);
+      held = std::move(reservation->lease);
+    } else {
+      // Nothing to reserve: decide on what others hold, as the command does.
+      OutstandingReservations outstanding;
+      if (ledger) {
+        std::vector<LeaseRecord> leases = ledger->live_leases(&warnings);
+        outstanding = Ledger::outstanding(leases, snapshot);
+      } else {
+        warnings.push_back("leases not counted: " + ledger.error().message);
+      }
+      auto decided = select_gpus(requirements, snapshot, *candidates, outstanding);
+      if (!decided) return std::move(decided).error();
+      decision = std::move(*decided);
+    }
+    api::explain(decision, snapshot, visibility, warnings, explanation);
+    if (!decision.fits()) {
+      if (explanation != nullptr) {
+        // As the command prints them: the candidates' verdicts only.
+        explanation->gpu_lines.clear();
+        for (unsigned index : candidates->visible) {
+          explanation->gpu_lines.push_back(cli::verdict_line(snapshot.gpus[index], decision.verdicts[index], visibility));
+        }
+      }
+      return make_error(Errc::nothing_fits, decision.summary);
+    }
+    const unsigned chosen = decision.chosen.front();
+    const unsigned ordinal = visibility.cuda_ordinal_of(chosen).value_or(0);
+    say("chosen: cuda:" + std::to_string(ordinal) + " = GPU " + std::to_string(chosen) + " (" + snapshot.gpus[chosen].name +
+        "), " + decision.verdicts[chosen].reason + " [" + spec_text + " from " + source + "]");
+    resolution.device = "cuda:" + std::to_string(ordinal);
+    resolution.nvml_index = chosen;
+    resolution.uuid = snapshot.gpus[chosen].uuid;
+    if (held) {
+      resolution.lease_id = held->record().id;
+      auto state = std::make_unique<GpuLease::State>();
+      state->held = std::move(held);
+      state->nvml_indices = {chosen};
+      state->uuids = {snapshot.gpus[chosen].uuid};
+      state->cuda_ordinals = {ordinal};
+      GpuLease(std::move(state)).hold_until_exit();
+    }
+    return resolution;
+  } catch (const std::exception& e) {
+    return make_error(Errc::internal, std::string("internal error: ") + e.what());
+  }
+}
+
+}  // namespace gpuslot
