@@ -159,6 +159,9 @@ struct DeviceRequest {
   std::uint64_t memory_bytes = 0;
   Strategy strategy = Strategy::most_free;
   std::string command;  // default: "resolve_device: <this process's command line>"
+  // Called with each line `gpuslot device` prints on stderr, as it is decided (also when the
+  // call fails: the GPUs' memory lines come before the error). Optional.
+  std::function<void(const std::string&)> on_log;
 };
 struct DeviceResolution {
   std::string device;                    // "cuda:N" or "cpu"

@@ -200,8 +200,8 @@ def resolve_device(spec=None, env="GPUSLOT_DEVICE", min_free_memory_gb=None, str
     memory = 0 if min_free_memory_gb is None else _gib_to_bytes(min_free_memory_gb, "min_free_memory_gb")
     try:
         answer = _gpuslot.resolve_device(spec, env, memory, _strategy(strategy), "")
-    except NoGpuAvailable as error:
-        for line in error.reasons:
+    except GpuslotError as error:
+        for line in getattr(error, "log", ()):
             log.info("%s", line)
         raise
     for line in answer["log"]:

@@ -15,9 +15,12 @@ namespace gpuslot {
 Result<DeviceResolution> resolve_device(const DeviceRequest& request, Explanation* explanation) {
   try {
     DeviceResolution resolution;
-    auto say = [&resolution](std::string line) { resolution.log.push_back(std::move(line)); };
-    auto cpu = [&resolution](std::string why) {
-      resolution.log.push_back(std::move(why));
+    auto say = [&resolution, &request](std::string line) {
+      if (request.on_log) request.on_log(line);
+      resolution.log.push_back(std::move(line));
+    };
+    auto cpu = [&resolution, &say](std::string why) {
+      say(std::move(why));
       resolution.device = "cpu";
       return resolution;
     };
@@ -107,13 +110,13 @@ Result<DeviceResolution> resolve_device(const DeviceRequest& request, Explanatio
     }
     api::explain(decision, snapshot, visibility, warnings, explanation);
     if (!decision.fits()) {
-      if (explanation != nullptr) {
-        // As the command prints them: the candidates' verdicts only.
-        explanation->gpu_lines.clear();
-        for (unsigned index : candidates->visible) {
-          explanation->gpu_lines.push_back(cli::verdict_line(snapshot.gpus[index], decision.verdicts[index], visibility));
-        }
+      // As the command prints them: the candidates' verdicts only.
+      std::vector<std::string> verdicts;
+      for (unsigned index : candidates->visible) {
+        verdicts.push_back(cli::verdict_line(snapshot.gpus[index], decision.verdicts[index], visibility));
+        if (request.on_log) request.on_log(verdicts.back());
       }
+      if (explanation != nullptr) explanation->gpu_lines = std::move(verdicts);
       return make_error(Errc::nothing_fits, decision.summary);
     }
     const unsigned chosen = decision.chosen.front();

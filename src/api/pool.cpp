@@ -44,6 +44,8 @@ namespace {
 
 // How often a pool that has fewer workers than GPUs looks for room for another (NVML + ledger).
 constexpr auto kGrowthInterval = std::chrono::milliseconds(1000);
+// How long a GPU where a worker's init ran out of memory comes after the others.
+constexpr auto kAvoidAfterInitOutOfMemory = std::chrono::seconds(30);
 
 std::string describe_exit(int status) {
   if (WIFSIGNALED(status)) {
@@ -128,6 +130,8 @@ struct WorkerPool::Impl {
   bool growth_stopped = false;     // no further GPU can ever take a worker
   Clock::time_point next_growth{};
   unsigned init_failures = 0;
+  // GPUs where a worker's init ran out of memory recently: the next workers go elsewhere first.
+  std::vector<std::pair<std::string, Clock::time_point>> avoided;
   std::string state_directory;
   std::vector<Delivery> deliveries;
 
@@ -288,12 +292,29 @@ struct WorkerPool::Impl {
     for (const auto& worker : workers) request.exclude.push_back(worker.device.uuid);  // one worker per GPU
     request.strategy = options.strategy;
     request.command = options.command;
+    Explanation explanation;
+    // GPUs where init recently ran out of memory come last: first a try without them.
+    const auto now = Clock::now();
+    avoided.erase(std::remove_if(avoided.begin(), avoided.end(), [now](const auto& entry) { return entry.second < now; }),
+                  avoided.end());
+    if (!avoided.empty()) {
+      LeaseRequest elsewhere = request;
+      for (const auto& [uuid, until] : avoided) elsewhere.exclude.push_back(uuid);
+      auto lease = acquire_lease(elsewhere, &explanation);
+      if (lease) {
+        start_worker(std::move(*lease));
+        return;
+      }
+      if (lease.error().code != Errc::nothing_fits) {
+        fail(lease.error(), false);
+        return;
+      }
+    }
     if (block && options.wait) {
       request.wait = true;
       request.timeout = options.wait_timeout;
       request.cancelled = [this] { return stop.load(); };
     }
-    Explanation explanation;
     auto lease = acquire_lease(request, &explanation);
     if (!lease) {
       const Error& error = lease.error();
@@ -308,8 +329,12 @@ struct WorkerPool::Impl {
       next_growth = Clock::now() + kGrowthInterval;
       return;
     }
-    if (lease->cuda_ordinals().empty()) {
-      fail(make_error(Errc::bad_input, "the CUDA ordinal of GPU " + std::to_string(lease->nvml_indices().front()) +
+    start_worker(std::move(*lease));
+  }
+
+  void start_worker(GpuLease lease) {
+    if (lease.cuda_ordinals().empty()) {
+      fail(make_error(Errc::bad_input, "the CUDA ordinal of GPU " + std::to_string(lease.nvml_indices().front()) +
                                            " is ambiguous in this process; set CUDA_DEVICE_ORDER=PCI_BUS_ID"),
            false);
       return;
@@ -320,11 +345,11 @@ struct WorkerPool::Impl {
     }
     Worker worker;
     worker.device.worker = unsigned(std::find(numbers.begin(), numbers.end(), false) - numbers.begin());
-    worker.device.cuda_ordinal = lease->cuda_ordinals().front();
+    worker.device.cuda_ordinal = lease.cuda_ordinals().front();
     worker.device.device = "cuda:" + std::to_string(worker.device.cuda_ordinal);
-    worker.device.nvml_index = lease->nvml_indices().front();
-    worker.device.uuid = lease->uuids().front();
-    worker.lease = std::move(*lease);
+    worker.device.nvml_index = lease.nvml_indices().front();
+    worker.device.uuid = lease.uuids().front();
+    worker.lease = std::move(lease);
     workers.push_back(std::move(worker));
     spawn(workers.size() - 1);
   }
@@ -443,8 +468,8 @@ struct WorkerPool::Impl {
                true);
           return;
         }
+        avoided.emplace_back(worker.device.uuid, Clock::now() + kAvoidAfterInitOutOfMemory);
         retire(slot);
-        next_growth = Clock::now() + kGrowthInterval;
         return;
       }
       case FrameKind::succeeded: {

@@ -1,0 +1,158 @@
+"""gpuslot.lease (a context manager over the host ledger) and gpuslot.status (the document of
+`gpuslot status --json`)."""
+import json
+import os
+import signal
+import time
+
+from conftest import wait_until, read_host, write_host
+
+
+def test_lease_context_manager_gives_ordinals_uuids_and_indices(python_run, host, gpuslot):
+    host_path = host("4x24g")
+    uuids = [gpu["uuid"] for gpu in read_host(host_path)["gpus"]]
+    out = python_run("""
+        import json, subprocess, sys, os
+        import gpuslot
+        with gpuslot.lease(mem="8G", gpus=2) as held:
+            print(json.dumps({"ordinals": held.cuda_ordinals, "uuids": held.uuids, "indices": held.nvml_indices,
+                              "devices": held.devices, "bytes": held.reserved_bytes, "held": held.held, "id": held.id}))
+            listed = subprocess.run([os.environ["GPUSLOT"], "leases", "--json"], capture_output=True, text=True).stdout
+            print(json.dumps(json.loads(listed)["leases"]))
+        print(held.held, repr(held))
+    """, host=host_path, env={"CUDA_VISIBLE_DEVICES": "3,2,1", "GPUSLOT": gpuslot("--version").args[0]}).stdout.splitlines()
+    taken = json.loads(out[0])
+    # cuda:0 is GPU 3 here (CUDA_VISIBLE_DEVICES=3,2,1); ties go to the lowest NVML index: GPUs 1, 2.
+    assert taken["indices"] == [1, 2]
+    assert taken["ordinals"] == [2, 1]
+    assert taken["devices"] == ["cuda:2", "cuda:1"]
+    assert taken["uuids"] == [uuids[1], uuids[2]]
+    assert taken["bytes"] == 8 << 30 and taken["held"] is True
+    listed = json.loads(out[1])
+    assert [(lease["id"], lease["gpus"], lease["command"].split(":")[0]) for lease in listed] == [(taken["id"], [1, 2], "lease")]
+    assert out[2] == "False <gpuslot.Lease released>"
+    assert json.loads(gpuslot("leases", "--json", host=host_path, check=0).stdout)["leases"] == []
+
+
+def test_lease_waits_for_room_and_gets_it_when_released(python_spawn, host, gpuslot):
+    host_path = host("1x4090")
+    holder = python_spawn("""
+        import time, gpuslot
+        held = gpuslot.lease(mem="20G")
+        print("holding", flush=True)
+        time.sleep(1.0)
+        held.release()
+        print("released", flush=True)
+        time.sleep(60)
+    """, host_path)
+    wait_until(lambda: "holding" in holder.stdout_text(), what="the holder")
+    waiter = python_spawn("""
+        import logging, time, gpuslot
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        started = time.monotonic()
+        with gpuslot.lease(mem="20G", wait=True, timeout=30) as held:
+            print("got", held.cuda_ordinals, round(time.monotonic() - started, 1), flush=True)
+    """, host_path)
+    wait_until(lambda: "got" in waiter.stdout_text(), timeout=30, what="the waiter's lease")
+    assert "released" in holder.stdout_text()
+    assert "waiting: no GPU fits now" in waiter.stderr_text()
+    assert waiter.stdout_text().startswith("got [0]")
+    assert float(waiter.stdout_text().split()[-1]) >= 0.5
+
+
+def test_lease_timeout_and_no_wait(python_run, host):
+    host_path = host("1x4090")
+    out = python_run("""
+        import time, gpuslot
+        held = gpuslot.lease(mem="20G")
+        started = time.monotonic()
+        try:
+            gpuslot.lease(mem="20G", timeout=0.5)
+        except gpuslot.Timeout as error:
+            print(type(error).__name__, isinstance(error, TimeoutError), error.exit_code, round(time.monotonic() - started, 1) >= 0.4)
+            print(error)
+        try:
+            gpuslot.lease(mem="20G", wait=False)
+        except gpuslot.NoGpuAvailable as error:
+            print(type(error).__name__, len(error.reasons))
+        try:
+            gpuslot.lease(mem="100G")   # waiting cannot help: raised at once, not after a wait
+        except gpuslot.NoGpuAvailable as error:
+            print(error)
+    """, host=host_path).stdout.splitlines()
+    assert out[0] == "Timeout True 124 True"
+    assert out[1].startswith("timed out waiting for room: ")
+    assert out[2] == "NoGpuAvailable 1"
+    assert out[3].endswith("(waiting cannot help)")
+
+
+def test_ctrl_c_interrupts_a_waiting_lease(python_spawn, host, gpuslot):
+    host_path = host("1x4090")
+    holder = python_spawn("""
+        import time, gpuslot
+        held = gpuslot.lease(mem="20G")
+        print("holding", flush=True)
+        time.sleep(60)
+    """, host_path)
+    wait_until(lambda: "holding" in holder.stdout_text(), what="the holder")
+    waiter = python_spawn("""
+        import gpuslot
+        print("waiting", flush=True)
+        try:
+            gpuslot.lease(mem="20G")
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    """, host_path)
+    wait_until(lambda: "waiting" in waiter.stdout_text(), what="the waiter")
+    time.sleep(0.5)
+    os.kill(waiter.pid, signal.SIGINT)
+    wait_until(lambda: "interrupted" in waiter.stdout_text(), timeout=5, what="KeyboardInterrupt in the waiter")
+    assert waiter.wait(timeout=10) == 0
+
+
+def test_lease_restricted_to_a_device(python_run, host):
+    out = python_run("""
+        import gpuslot
+        with gpuslot.lease(mem="1G", device="cuda:1") as held:
+            print(held.cuda_ordinals, held.nvml_indices)
+        try:
+            gpuslot.lease(mem="1G", device="cuda:7")
+        except gpuslot.BadInput as error:
+            print(error)
+    """, host="4x24g", env={"CUDA_VISIBLE_DEVICES": "2,3"}).stdout.splitlines()
+    assert out == ["[1] [3]", "device cuda:7 does not exist: 2 GPUs are visible (cuda:0 to cuda:1)"]
+
+
+def _without_ages(document):
+    for gpu in document["gpus"]:
+        for lease in gpu["leases"]:
+            lease.pop("age_seconds")
+    return document
+
+
+def test_status_is_the_status_json_document(python_spawn, python_run, host, gpuslot):
+    host_path = host("8x4090")
+    holder = python_spawn("""
+        import time, gpuslot
+        gpuslot.select_best_gpu(6)
+        print("holding", flush=True)
+        time.sleep(60)
+    """, host_path)
+    wait_until(lambda: "holding" in holder.stdout_text(), what="the holder")
+    for extra in ({}, {"CUDA_VISIBLE_DEVICES": "5,2"}):
+        command = json.loads(gpuslot("status", "--json", host=host_path, env=extra, check=0).stdout)
+        function = json.loads(python_run("import gpuslot, json; print(json.dumps(gpuslot.status()))",
+                                         host=host_path, env=extra).stdout)
+        assert _without_ages(function) == _without_ages(command)
+        assert sum(len(gpu["leases"]) for gpu in function["gpus"]) == 1
+
+
+def test_status_without_a_driver_raises_nvml_unavailable(python_run):
+    out = python_run("""
+        import gpuslot
+        try:
+            gpuslot.status()
+        except gpuslot.NvmlUnavailable as error:
+            print(error.exit_code)
+    """).stdout.strip()
+    assert out == "3"
