@@ -151,7 +151,9 @@ struct BatchResult {
 // With `resume`, continues the journal (whose jobs must equal `jobs`); without, the journal must
 // not exist yet. Errc::bad_input for a mismatched or corrupt journal, Errc::state for one in use
 // by another scheduler or unwritable.
-Result<BatchResult> run_batch(const std::vector<JobSpec>& jobs, const BatchOptions& options, Ledger& ledger,
+// `jobs` is taken by value: the scheduler keeps one copy of each job (100 000 jobs fit in
+// well under 64 MiB).
+Result<BatchResult> run_batch(std::vector<JobSpec> jobs, const BatchOptions& options, Ledger& ledger,
                               const SnapshotSource& snapshot_source, const VisibilityOf& visibility_of,
                               BatchObserver& observer);
 

@@ -248,8 +248,7 @@ void run_batch_command(Context& context, const BatchCliOptions& options) {
   defaults.gpus = requirements.gpu_count;
   if (options.retries) defaults.oom_retries = *options.retries;
 
-  const std::string text = read_jobs_text(options.file);
-  auto parsed = parse_jobs(text, defaults);
+  auto parsed = parse_jobs(read_jobs_text(options.file), defaults);
   if (!parsed) {
     Error error = parsed.error();
     error.message = (options.file == "-" ? std::string("stdin") : options.file) + ", " + error.message;
@@ -282,7 +281,7 @@ void run_batch_command(Context& context, const BatchCliOptions& options) {
   Printer printer(::isatty(STDERR_FILENO) == 1 && !options.json);
   std::fprintf(stderr, "batch: %zu jobs from %s; journal %s\n", parsed->size(),
                options.file == "-" ? "stdin" : options.file.c_str(), batch.journal_path.c_str());
-  auto result = run_batch(*parsed, batch, *ledger, snapshots, visibility, printer);
+  auto result = run_batch(std::move(*parsed), batch, *ledger, snapshots, visibility, printer);
   printer.finish();
   if (!result) throw CommandError(result.error());
 

@@ -29,7 +29,9 @@ class Journal {
   ~Journal();
 
   std::string meta(const std::string& key) const;  // "" when absent
-  Result<std::vector<JobStatus>> load() const;
+  // Every job in file order. Without `with_specs` the stored job specs are not parsed (the
+  // scheduler has them from the jobs file, which --resume checks against the journal's hash).
+  Result<std::vector<JobStatus>> load(bool with_specs = true) const;
 
   // Writes the mutable columns of `jobs` in one transaction.
   Result<void> save(const std::vector<const JobStatus*>& jobs);

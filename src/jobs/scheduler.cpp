@@ -62,9 +62,9 @@ struct Attempt {
 
 class Scheduler {
  public:
-  Scheduler(const std::vector<JobSpec>& specs, const BatchOptions& options, Ledger& ledger,
+  Scheduler(std::vector<JobSpec> specs, const BatchOptions& options, Ledger& ledger,
             const SnapshotSource& snapshot_source, const VisibilityOf& visibility_of, BatchObserver& observer)
-      : specs_(specs), options_(options), ledger_(ledger), snapshot_source_(snapshot_source),
+      : specs_(std::move(specs)), options_(options), ledger_(ledger), snapshot_source_(snapshot_source),
         visibility_of_(visibility_of), observer_(observer) {}
 
   ~Scheduler() {
@@ -134,16 +134,46 @@ class Scheduler {
                                                " was made from; resume with the same file, or start a new journal");
       }
     }
-    auto loaded = journal_->load();
+    // The jobs file's specs are now in the journal: free them before loading the journal's
+    // records, so 100 000 jobs are never held twice (issue target: < 64 MiB). On --resume the
+    // journal's jobs are the file's (same hash).
+    const std::size_t expected = specs_.size();
+    std::vector<std::string> names;
+    if (options_.resume) {
+      names.reserve(expected);
+      for (auto& spec : specs_) names.push_back(std::move(spec.name));
+    }
+    std::vector<JobSpec>().swap(specs_);
+    auto loaded = journal_->load(/*with_specs=*/true);
     if (!loaded) return loaded.error();
     jobs_ = std::move(*loaded);
-    if (jobs_.size() != specs_.size()) {
+    if (jobs_.size() != expected) {
       return make_error(Errc::bad_input, "journal " + quote_for_message(options_.journal_path) + " holds " +
-                                             std::to_string(jobs_.size()) + " jobs, the jobs file " +
-                                             std::to_string(specs_.size()));
+                                             std::to_string(jobs_.size()) + " jobs, the jobs file " + std::to_string(expected));
+    }
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      if (jobs_[i].spec.name != names[i]) {
+        return make_error(Errc::bad_input, "journal " + quote_for_message(options_.journal_path) + " names job " +
+                                               std::to_string(i + 1) + " " + quote_for_message(jobs_[i].spec.name) +
+                                               ", the jobs file " + quote_for_message(names[i]));
+      }
+    }
+    std::vector<std::string>().swap(names);
+    // `after` by index. The name index is one contiguous array, freed (and given back) at once.
+    std::vector<std::pair<std::string_view, std::uint32_t>> by_name;
+    by_name.reserve(jobs_.size());
+    for (std::size_t i = 0; i < jobs_.size(); ++i) by_name.emplace_back(jobs_[i].spec.name, std::uint32_t(i));
+    std::sort(by_name.begin(), by_name.end());
+    for (std::size_t i = 0; i < jobs_.size(); ++i) {
+      for (const auto& name : jobs_[i].spec.after) {
+        auto it = std::lower_bound(by_name.begin(), by_name.end(), std::make_pair(std::string_view(name), std::uint32_t(0)));
+        if (it == by_name.end() || it->first != name) {
+          return make_error(Errc::bad_input, "job " + quote_for_message(jobs_[i].spec.name) + " waits for unknown job " + quote_for_message(name));
+        }
+        after_[i].push_back(it->second);
+      }
     }
     for (std::size_t i = 0; i < jobs_.size(); ++i) {
-      by_name_[jobs_[i].spec.name] = i;
       if (!jobs_[i].spec.group.empty()) groups_[jobs_[i].spec.group].push_back(i);
       if (terminal(i)) ++finished_;
       if (jobs_[i].state == JobState::succeeded) ++succeeded_;
@@ -218,7 +248,7 @@ class Scheduler {
       conclude(attempt, changed);
     }
     for (auto it = adopted_.begin(); it != adopted_.end();) {
-      if (attempt_alive(it->files.lock)) {
+      if (attempt_alive(it->files.run)) {
         ++it;
         continue;
       }
@@ -232,12 +262,6 @@ class Scheduler {
     if (auto done = commit(changed); !done) return done;
     for (std::size_t index : changed) emit_pending_(index);
     pending_events_.clear();
-    // Only now that the outcome is durable may its evidence go.
-    for (auto& files : cleanup_) {
-      ::unlink(files.status.c_str());
-      ::unlink(files.lock.c_str());
-    }
-    cleanup_.clear();
     return {};
   }
 
@@ -247,7 +271,7 @@ class Scheduler {
     stop_signal_ = signal_number;
     for (const auto& [pid, attempt] : running_) ::kill(-pid, forwarded);
     for (const auto& attempt : adopted_) {
-      if (pid_t pid = shepherd_pid(attempt.files.lock); pid > 0) ::kill(-pid, forwarded);
+      if (pid_t pid = shepherd_pid(attempt.files.run); pid > 0) ::kill(-pid, forwarded);
     }
   }
 
@@ -256,9 +280,8 @@ class Scheduler {
     const std::size_t index = attempt.job;
     JobStatus& job = jobs_[index];
     changed.push_back(index);
-    cleanup_.push_back(attempt.files);
     release_gpus(index);
-    auto outcome = read_outcome(attempt.files.status);
+    auto outcome = read_outcome(attempt.files.run);
     if (!outcome) {
       // No status: the shepherd died without recording (or never ran). The job may not have
       // finished, so it runs again; this is not counted against its retries.
@@ -358,8 +381,8 @@ class Scheduler {
       if (jobs_[i].state == JobState::queued) queue_.push_back(i);
       if (jobs_[i].state != JobState::running) continue;
       Attempt attempt{i, 0, true, attempt_files(logs_dir_, jobs_[i].spec.name, jobs_[i].attempts)};
-      if (attempt_alive(attempt.files.lock)) {
-        attempt.shepherd = shepherd_pid(attempt.files.lock);
+      if (attempt_alive(attempt.files.run)) {
+        attempt.shepherd = shepherd_pid(attempt.files.run);
         occupy_gpus(i);
         adopted_.push_back(attempt);
         observer_.on_event(BatchEvent{BatchEvent::Kind::adopted, &jobs_[i], "still running; adopted"});
@@ -373,11 +396,6 @@ class Scheduler {
     if (auto done = commit(changed); !done) return done;
     for (std::size_t index : changed) emit_pending_(index);
     pending_events_.clear();
-    for (auto& files : cleanup_) {
-      ::unlink(files.status.c_str());
-      ::unlink(files.lock.c_str());
-    }
-    cleanup_.clear();
     return {};
   }
 
@@ -414,13 +432,15 @@ class Scheduler {
   std::optional<std::string> blocked(std::size_t index, std::optional<std::string>& failed_dependency,
                                      std::optional<std::vector<std::string>>& pinned) {
     const JobStatus& job = jobs_[index];
-    for (const auto& name : job.spec.after) {
-      const JobStatus& dependency = jobs_[by_name_.at(name)];
-      if (dependency.state == JobState::failed) {
-        failed_dependency = "dependency " + quote_for_message(name) + " failed";
-        return failed_dependency;
+    if (auto it = after_.find(index); it != after_.end()) {
+      for (std::uint32_t dependency_index : it->second) {
+        const JobStatus& dependency = jobs_[dependency_index];
+        if (dependency.state == JobState::failed) {
+          failed_dependency = "dependency " + quote_for_message(dependency.spec.name) + " failed";
+          return failed_dependency;
+        }
+        if (dependency.state != JobState::succeeded) return "waiting for " + quote_for_message(dependency.spec.name);
       }
-      if (dependency.state != JobState::succeeded) return "waiting for " + quote_for_message(name);
     }
     if (!job.spec.group.empty()) {
       for (std::size_t member : groups_.at(job.spec.group)) {
@@ -612,11 +632,10 @@ class Scheduler {
 
     const unsigned attempt = job.attempts + 1;
     const AttemptFiles files = attempt_files(logs_dir_, job.spec.name, attempt);
-    ::unlink(files.status.c_str());
-    const int lock_fd = ::open(files.lock.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+    const int lock_fd = ::open(files.run.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
     if (lock_fd < 0 || ::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
       if (lock_fd >= 0) ::close(lock_fd);
-      return make_error(Errc::state, "cannot create " + quote_for_message(files.lock) + ": " + std::strerror(errno));
+      return make_error(Errc::state, "cannot create " + quote_for_message(files.run) + ": " + std::strerror(errno));
     }
     // The transition is durable before it takes effect.
     const JobStatus before = job;
@@ -665,7 +684,7 @@ class Scheduler {
     observer_.on_progress(progress);
   }
 
-  const std::vector<JobSpec>& specs_;
+  std::vector<JobSpec> specs_;  // until the journal is open; then each lives in jobs_
   const BatchOptions& options_;
   Ledger& ledger_;
   const SnapshotSource& snapshot_source_;
@@ -675,7 +694,7 @@ class Scheduler {
   std::optional<Journal> journal_;
   std::string logs_dir_;
   std::vector<JobStatus> jobs_;
-  std::unordered_map<std::string, std::size_t> by_name_;
+  std::unordered_map<std::size_t, std::vector<std::uint32_t>> after_;  // jobs with `after`: what they wait for
   std::map<std::string, std::vector<std::size_t>> groups_;
   std::vector<std::size_t> queue_;  // queued jobs, in file order
   std::map<pid_t, Attempt> running_;
@@ -684,7 +703,6 @@ class Scheduler {
   std::size_t finished_ = 0, succeeded_ = 0, failed_ = 0;
   std::map<unsigned, std::pair<unsigned, std::uint64_t>> occupancy_;
   std::map<std::size_t, std::pair<BatchEvent::Kind, std::string>> pending_events_;
-  std::vector<AttemptFiles> cleanup_;
   std::string waiting_reason_;
 
   std::optional<Snapshot> snapshot_;
@@ -700,10 +718,10 @@ class Scheduler {
 
 }  // namespace
 
-Result<BatchResult> run_batch(const std::vector<JobSpec>& jobs, const BatchOptions& options, Ledger& ledger,
+Result<BatchResult> run_batch(std::vector<JobSpec> jobs, const BatchOptions& options, Ledger& ledger,
                               const SnapshotSource& snapshot_source, const VisibilityOf& visibility_of,
                               BatchObserver& observer) {
-  Scheduler scheduler(jobs, options, ledger, snapshot_source, visibility_of, observer);
+  Scheduler scheduler(std::move(jobs), options, ledger, snapshot_source, visibility_of, observer);
   return scheduler.run();
 }
 

@@ -12,6 +12,8 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <set>
+#include <sstream>
 
 namespace gpuslot::jobs_internal {
 
@@ -29,16 +31,8 @@ void write_all(int fd, const std::string& text) {
   }
 }
 
-// Status file: one line, "exit N", "signal N" or "error N MESSAGE". Written to a temp name and
-// renamed, so it is either absent or complete.
-void write_status(const std::string& path, const std::string& line) {
-  const std::string temp = path + ".tmp";
-  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return;
-  write_all(fd, line + "\n");
-  ::close(fd);
-  ::rename(temp.c_str(), path.c_str());
-}
+// Appends the status line ("exit N", "signal N", "error N MESSAGE") to the run file in one write.
+void write_status(int run_fd, const std::string& line) { write_all(run_fd, line + "\n"); }
 
 [[noreturn]] void run_shepherd(const JobSpec& job, const std::vector<std::string>& environment, HeldLease& lease,
                                const AttemptFiles& files, int lock_fd) {
@@ -50,10 +44,10 @@ void write_status(const std::string& path, const std::string& line) {
   sigemptyset(&none);
   ::sigprocmask(SIG_SETMASK, &none, nullptr);  // the scheduler blocks signals for its signalfd
   ::setpgid(0, 0);
-  write_all(lock_fd, std::to_string(::getpid()) + "\n");
+  write_all(lock_fd, "pid " + std::to_string(::getpid()) + "\n");
 
   if (auto moved = lease.reassign(::getpid()); !moved) {
-    write_status(files.status, "error 70 " + moved.error().message);
+    write_status(lock_fd, "error 70 " + moved.error().message);
     lease.release();
     ::_exit(0);
   }
@@ -61,7 +55,9 @@ void write_status(const std::string& path, const std::string& line) {
   std::vector<char*> envp;
   for (const auto& entry : environment) envp.push_back(const_cast<char*>(entry.c_str()));
   envp.push_back(nullptr);
-  std::vector<std::string> words = job.argv.empty() ? std::vector<std::string>{"/bin/sh", "-c", job.shell} : job.argv;
+  std::vector<std::string> words = job.argv;
+  if (words.empty()) words = direct_argv(job.shell).value_or(std::vector<std::string>{"/bin/sh", "-c", job.shell});
+  const bool search_path = words[0].find('/') == std::string::npos;
   std::vector<char*> argv;
   for (auto& word : words) argv.push_back(word.data());
   argv.push_back(nullptr);
@@ -84,8 +80,8 @@ void write_status(const std::string& path, const std::string& line) {
   posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK);
 
   pid_t child = 0;
-  const int rc = job.argv.empty() ? ::posix_spawn(&child, argv[0], &actions, &attributes, argv.data(), envp.data())
-                                  : ::posix_spawnp(&child, argv[0], &actions, &attributes, argv.data(), envp.data());
+  const int rc = search_path ? ::posix_spawnp(&child, argv[0], &actions, &attributes, argv.data(), envp.data())
+                             : ::posix_spawn(&child, argv[0], &actions, &attributes, argv.data(), envp.data());
   if (rc != 0) {
     const int code = (rc == ENOENT) ? 127 : 126;
     std::string message = "cannot start " + words[0] + ": " + std::strerror(rc);
@@ -95,14 +91,14 @@ void write_status(const std::string& path, const std::string& line) {
       write_all(err, "gpuslot: " + message + "\n");
       ::close(err);
     }
-    write_status(files.status, "error " + std::to_string(code) + " " + message);
+    write_status(lock_fd, "error " + std::to_string(code) + " " + message);
     lease.release();
     ::_exit(0);
   }
   int status = 0;
   while (::waitpid(child, &status, 0) < 0 && errno == EINTR) {
   }
-  write_status(files.status, WIFSIGNALED(status) ? "signal " + std::to_string(WTERMSIG(status))
+  write_status(lock_fd, WIFSIGNALED(status) ? "signal " + std::to_string(WTERMSIG(status))
                                                  : "exit " + std::to_string(WEXITSTATUS(status)));
   lease.release();
   ::_exit(0);
@@ -112,7 +108,34 @@ void write_status(const std::string& path, const std::string& line) {
 
 AttemptFiles attempt_files(const std::string& logs_dir, const std::string& name, unsigned attempt) {
   const std::string base = logs_dir + "/" + name + "." + std::to_string(attempt);
-  return {base + ".lock", base + ".status", base + ".out", base + ".err"};
+  return {base + ".run", base + ".out", base + ".err"};
+}
+
+std::optional<std::vector<std::string>> direct_argv(const std::string& line) {
+  static const std::set<std::string> kShellWords = {
+      "!", ".", ":", "[", "[[", "alias", "bg", "break", "case", "cd", "command", "continue", "do", "done", "echo",
+      "elif", "else", "esac", "eval", "exec", "exit", "export", "fc", "fg", "fi", "for", "function", "getopts",
+      "hash", "if", "in", "jobs", "kill", "let", "local", "printf", "pwd", "read", "readonly", "return", "select",
+      "set", "shift", "source", "test", "then", "time", "times", "trap", "type", "typeset", "ulimit", "umask",
+      "unalias", "unset", "until", "wait", "while"};
+  std::vector<std::string> words;
+  std::string word;
+  for (char c : line) {
+    const bool plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+                       c == '_' || c == '.' || c == '/' || c == ',' || c == ':' || c == '+' || c == '%' || c == '@' ||
+                       c == '=' || c == '^';
+    if (c == ' ' || c == '\t') {
+      if (!word.empty()) words.push_back(std::move(word));
+      word.clear();
+    } else if (plain) {
+      word += c;
+    } else {
+      return std::nullopt;  // quoting, expansion, redirection, operators, globs, comments: the shell's job
+    }
+  }
+  if (!word.empty()) words.push_back(std::move(word));
+  if (words.empty() || kShellWords.count(words[0]) != 0 || words[0].find('=') != std::string::npos) return std::nullopt;
+  return words;
 }
 
 Result<pid_t> start_shepherd(const JobSpec& job, const std::vector<std::string>& environment, HeldLease& lease,
@@ -129,29 +152,27 @@ Result<pid_t> start_shepherd(const JobSpec& job, const std::vector<std::string>&
   return pid;
 }
 
-std::optional<AttemptOutcome> read_outcome(const std::string& status_path) {
-  const std::string text = read_tail(status_path, 4096);
-  if (text.empty()) return std::nullopt;
-  AttemptOutcome outcome;
-  char kind[16] = {};
-  int value = 0;
-  int consumed = 0;
-  if (std::sscanf(text.c_str(), "%15s %d %n", kind, &value, &consumed) < 2) {
-    outcome.exit_code = 70;
-    outcome.error = "unreadable status file " + status_path;
+std::optional<AttemptOutcome> read_outcome(const std::string& run_path) {
+  const std::string text = read_tail(run_path, 8192);
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);) {
+    std::istringstream fields(line);
+    std::string kind;
+    int value = 0;
+    if (!(fields >> kind >> value) || (kind != "exit" && kind != "signal" && kind != "error")) continue;
+    AttemptOutcome outcome;
+    if (kind == "signal") {
+      outcome.signal = value;
+    } else {
+      outcome.exit_code = value;
+      if (kind == "error") {
+        std::getline(fields >> std::ws, outcome.error);
+        if (outcome.error.empty()) outcome.error = "could not start";
+      }
+    }
     return outcome;
   }
-  const std::string what = kind;
-  if (what == "signal") {
-    outcome.signal = value;
-  } else {
-    outcome.exit_code = value;
-    if (what == "error") {
-      outcome.error = text.substr(std::size_t(consumed));
-      while (!outcome.error.empty() && outcome.error.back() == '\n') outcome.error.pop_back();
-    }
-  }
-  return outcome;
+  return std::nullopt;
 }
 
 bool attempt_alive(const std::string& lock_path) {
@@ -162,9 +183,9 @@ bool attempt_alive(const std::string& lock_path) {
   return locked;
 }
 
-pid_t shepherd_pid(const std::string& lock_path) {
-  const std::string text = read_tail(lock_path, 64);
-  return text.empty() ? 0 : pid_t(std::atol(text.c_str()));
+pid_t shepherd_pid(const std::string& run_path) {
+  const std::string text = read_tail(run_path, 8192);
+  return text.rfind("pid ", 0) == 0 ? pid_t(std::atol(text.c_str() + 4)) : 0;
 }
 
 std::string read_tail(const std::string& path, std::size_t max_bytes) {

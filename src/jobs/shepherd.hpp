@@ -22,7 +22,7 @@
 namespace gpuslot::jobs_internal {
 
 struct AttemptFiles {
-  std::string lock, status, out, err;
+  std::string run, out, err;  // <logs>/<name>.<attempt>.run|out|err
 };
 AttemptFiles attempt_files(const std::string& logs_dir, const std::string& name, unsigned attempt);
 
@@ -34,20 +34,25 @@ struct AttemptOutcome {
 };
 
 // Forks the shepherd of one attempt; returns its pid (it leads its own process group). `lock_fd`
-// is the attempt's lock file, already flock'ed; the caller closes its copy after this returns and
+// is the attempt's run file, created empty and already flock'ed; the caller closes its copy after this returns and
 // detaches `lease` (the shepherd now owns both). `close_in_child`: the scheduler's own
 // descriptors (its journal lock, signalfd…) that the shepherd must not keep alive.
 Result<pid_t> start_shepherd(const JobSpec& job, const std::vector<std::string>& environment, HeldLease& lease,
                              const AttemptFiles& files, int lock_fd, const std::vector<int>& close_in_child);
 
-// Reads a status file; nullopt when it does not exist (yet).
-std::optional<AttemptOutcome> read_outcome(const std::string& status_path);
+// The status a run file records; nullopt when it has none (still running, or lost).
+std::optional<AttemptOutcome> read_outcome(const std::string& run_path);
 
-// True while some process (the shepherd) holds the attempt's lock file.
-bool attempt_alive(const std::string& lock_path);
+// True while some process (the shepherd) holds the attempt's run file locked.
+bool attempt_alive(const std::string& run_path);
 
-// Pid the shepherd wrote into its lock file (0 if none yet).
-pid_t shepherd_pid(const std::string& lock_path);
+// Pid the shepherd wrote into its run file (0 if none yet).
+pid_t shepherd_pid(const std::string& run_path);
+
+// A shell line that means the same run directly: plain words (no quoting, expansion,
+// redirection, operators) whose first word is not a shell builtin, keyword or assignment. As
+// make does, such a line is exec'd without /bin/sh (one process start less per job).
+std::optional<std::vector<std::string>> direct_argv(const std::string& line);
 
 // The last `max_bytes` of a log file.
 std::string read_tail(const std::string& path, std::size_t max_bytes);
