@@ -32,6 +32,7 @@ struct GpuInfo {
   std::string uuid;        // "GPU-…" as NVML prints it; empty only if NVML could not say
   std::string name;        // "NVIDIA GeForce RTX 4090"; empty if unknown
   std::string pci_bus_id;  // "00000000:01:00.0"; empty if unknown
+  std::optional<unsigned> minor_number;  // N of /dev/nvidiaN (how Slurm names GPUs); nullopt if unknown
   std::optional<std::uint64_t> memory_total_bytes;
   std::optional<std::uint64_t> memory_used_bytes;
   std::optional<std::uint64_t> memory_free_bytes;

@@ -62,6 +62,7 @@ class NvmlLibrary {
   Result<std::string> uuid(Handle device);
   Result<std::string> name(Handle device);
   Result<std::string> pci_bus_id(Handle device);
+  Result<unsigned> minor_number(Handle device);  // N of /dev/nvidiaN
   Result<NvmlMemory> memory(Handle device);
   Result<std::pair<unsigned, unsigned>> utilization(Handle device);  // gpu %, memory %
   Result<unsigned> temperature_c(Handle device);

@@ -47,6 +47,7 @@ GpuInfo read_gpu(NvmlLibrary& nvml, unsigned index, bool with_processes) {
   else mark_unhealthy(gpu, uuid.error());
   gpu.name = optional_reading(nvml.name(*handle), gpu).value_or("");
   gpu.pci_bus_id = optional_reading(nvml.pci_bus_id(*handle), gpu).value_or("");
+  gpu.minor_number = optional_reading(nvml.minor_number(*handle), gpu);
 
   // Processes first, memory second: a process in the list allocated before the memory reading,
   // so its bytes are inside "used". (The other order let a job that allocated in between be

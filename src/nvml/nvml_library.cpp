@@ -184,6 +184,17 @@ Result<std::string> NvmlLibrary::pci_bus_id(Handle device) {
   return from_buffer(pci.busId, sizeof pci.busId);
 }
 
+Result<unsigned> NvmlLibrary::minor_number(Handle device) {
+  if (impl_->device_get_minor_number == nullptr) {
+    return impl_->error(NVML_ERROR_FUNCTION_NOT_FOUND, "nvmlDeviceGetMinorNumber");
+  }
+  unsigned minor = 0;
+  if (nvmlReturn_t code = impl_->device_get_minor_number(impl_->device(device), &minor); code != NVML_SUCCESS) {
+    return impl_->error(code, "nvmlDeviceGetMinorNumber");
+  }
+  return minor;
+}
+
 Result<NvmlMemory> NvmlLibrary::memory(Handle device) {
   // v2 separates the driver's own reservation from "used"; drivers before 11.6 lack the symbol
   // and drivers that reject the version word answer FUNCTION_NOT_FOUND: then read v1.

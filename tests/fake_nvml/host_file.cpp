@@ -125,6 +125,11 @@ HostGpu parse_gpu(const json& object, std::size_t index) {
     }
   }
 
+  // The kernel numbers /dev/nvidiaN in probe order, which need not be PCI order (Slurm's gres
+  // docs): a host file may permute them to model that, or list a subset of GPUs with their
+  // host-wide minors to model NVML inside a Slurm job's device cgroup.
+  gpu.minor_number = optional_uint32(object, "minor_number", where).value_or(static_cast<unsigned int>(index));
+
   gpu.memory_total_bytes = mib_field(object, "memory_total_mib", where, true);
   gpu.memory_used_outside_processes_bytes = mib_field(object, "memory_used_mib", where, false);
   gpu.utilization_gpu_percent = optional_uint32(object, "utilization_gpu", where);
@@ -178,7 +183,16 @@ HostRead parse_host(const std::string& text, const std::string& path) {
     const json* gpus = field(document, "gpus");
     if (!gpus || !gpus->is_array()) fail("gpus", "missing (expected an array)");
     if (gpus->size() > kMaxGpus) fail("gpus", "more than " + std::to_string(kMaxGpus) + " GPUs");
-    for (std::size_t i = 0; i < gpus->size(); ++i) host->gpus.push_back(parse_gpu((*gpus)[i], i));
+    for (std::size_t i = 0; i < gpus->size(); ++i) {
+      HostGpu gpu = parse_gpu((*gpus)[i], i);
+      for (std::size_t earlier = 0; earlier < host->gpus.size(); ++earlier) {
+        if (host->gpus[earlier].minor_number == gpu.minor_number) {
+          fail("gpus[" + std::to_string(i) + "].minor_number",
+               "same as gpus[" + std::to_string(earlier) + "] (one device file per GPU)");
+        }
+      }
+      host->gpus.push_back(std::move(gpu));
+    }
     read.status = HostRead::Status::ok;
     read.host = std::move(host);
   } catch (const json::exception& error) {

@@ -37,6 +37,7 @@ struct HostGpu {
   unsigned int pci_bus = 0;
   unsigned int pci_device = 0;
   unsigned int pci_device_id = 0x000010DEu;  // device id << 16 | vendor id; 0x10DE is NVIDIA
+  unsigned int minor_number = 0;             // N of /dev/nvidiaN; defaults to the GPU's position
   std::uint64_t memory_total_bytes = 0;
   std::uint64_t memory_used_outside_processes_bytes = 0;
   // Absent in the file → the NVML call answers NOT_SUPPORTED, as on GPUs without the sensor.

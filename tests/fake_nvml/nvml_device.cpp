@@ -122,10 +122,11 @@ nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int* index) {
   });
 }
 
-// /dev/nvidia<minor>; equal to the index, as in NVIDIA's go-nvml mock.
+// /dev/nvidia<minor>: the host file's "minor_number", by default the index (as in NVIDIA's
+// go-nvml mock).
 nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t device, unsigned int* minorNumber) {
-  return on_device(device, minorNumber != nullptr, [&](Call&, const HostGpu&, unsigned int nvml_index) {
-    *minorNumber = nvml_index;
+  return on_device(device, minorNumber != nullptr, [&](Call&, const HostGpu& gpu, unsigned int) {
+    *minorNumber = gpu.minor_number;
     return NVML_SUCCESS;
   });
 }
