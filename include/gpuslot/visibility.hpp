@@ -4,7 +4,8 @@
 // order, what nvidia-smi prints), CUDA's enumeration order (FASTEST_FIRST unless
 // CUDA_DEVICE_ORDER=PCI_BUS_ID), and the CUDA ordinal inside a process, which is the position in
 // CUDA_VISIBLE_DEVICES. This layer turns the environment plus a Snapshot into an explicit map,
-// parsing CUDA_VISIBLE_DEVICES exactly as the CUDA driver does. It never calls NVML and never
+// parsing CUDA_VISIBLE_DEVICES exactly as the CUDA driver does. Inside a Slurm job it also narrows
+// the candidates to the GPUs Slurm granted the job (SlurmGrant). It never calls NVML and never
 // touches the environment itself: callers pass the variables in.
 #pragma once
 
@@ -22,10 +23,47 @@ namespace gpuslot {
 struct VisibilityEnv {
   std::optional<std::string> cuda_visible_devices;  // nullopt = unset (every GPU visible)
   std::optional<std::string> cuda_device_order;     // "PCI_BUS_ID" or "FASTEST_FIRST"/unset
+  // Slurm's grant; all nullopt outside a Slurm job. An empty value counts as unset. (Default
+  // initialisers keep `VisibilityEnv{cvd, order}` warning-free.)
+  std::optional<std::string> slurm_job_id = std::nullopt;     // SLURM_JOB_ID
+  std::optional<std::string> slurm_step_gpus = std::nullopt;  // SLURM_STEP_GPUS: the step's GPUs (srun)
+  std::optional<std::string> slurm_job_gpus = std::nullopt;   // SLURM_JOB_GPUS: the job's GPUs (batch step)
 };
 
-// Reads CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER from this process's environment.
+// Reads CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER, SLURM_JOB_ID, SLURM_STEP_GPUS and SLURM_JOB_GPUS
+// from this process's environment.
 VisibilityEnv visibility_env_from_process();
+
+// The GPUs Slurm granted the job this process runs in. Slurm numbers a node's GPUs by their
+// position in its gres.conf list, which with the documented `File=/dev/nvidia[0-N]` (increasing
+// order) is N of /dev/nvidiaN, the device minor number. ConstrainDevices renumbers
+// CUDA_VISIBLE_DEVICES (and NVML) from 0 inside the job, but never the minor numbers. So the
+// grant is read by matching SLURM_STEP_GPUS (else SLURM_JOB_GPUS) against the minor numbers of
+// the GPUs CUDA_VISIBLE_DEVICES shows, and it is their intersection: never more than CUDA sees.
+// Where that match cannot work, CUDA_VISIBLE_DEVICES (which Slurm set too) decides alone and
+// `note` says why. The evidence and every case: src/visibility/slurm_grant.cpp.
+struct SlurmGrant {
+  enum class Match {
+    minor_number,          // Slurm's numbers matched device minors; granted = that intersection
+    cuda_visible_devices,  // they could not be matched (see note): CUDA_VISIBLE_DEVICES alone
+    none,                  // no GPU variable and no CUDA_VISIBLE_DEVICES: Slurm granted no GPU
+  };
+  std::string job_id;                 // SLURM_JOB_ID
+  std::string source;                 // "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", or "" when neither is set
+  std::string listed;                 // that variable's value, as set
+  std::vector<unsigned> numbers;      // its GPU numbers, as listed (empty when unreadable)
+  std::vector<unsigned> granted;      // NVML indices of the granted GPUs, in CUDA ordinal order
+  Match matched_by = Match::none;
+  std::optional<std::string> note;    // one line, set when the grant is not a plain match
+
+  std::string label() const;          // "Slurm job 12" (an odd job id quoted)
+};
+
+// Parses a Slurm GPU list: comma-separated decimal numbers, each optionally a range `A-B` (the
+// form `scontrol -d show job` prints as IDX; Slurm itself writes plain lists into SLURM_*_GPUS),
+// white space around items ignored, repeats dropped, order kept. Errc::bad_input otherwise:
+// "SLURM_JOB_GPUS='0,x' is not a list of GPU numbers (expected e.g. 0,1 or 0-3)".
+Result<std::vector<unsigned>> parse_slurm_gpu_list(std::string_view variable, std::string_view text);
 
 struct Visibility {
   // NVML indices of the visible GPUs, in CUDA ordinal order: visible[k] is `cuda:k`.
@@ -42,9 +80,19 @@ struct Visibility {
   // stops at invalid entry '9' (only 8 GPUs)", "CUDA_VISIBLE_DEVICES names device 1 twice: CUDA
   // sees no GPU", …). nullopt when there is nothing to say (unset, or a plain valid list).
   std::optional<std::string> note;
+  // Set inside a Slurm job (SLURM_JOB_ID set): what Slurm granted. The candidates are then
+  // `visible` ∩ `slurm->granted`; `visible` keeps CUDA's numbering.
+  std::optional<SlurmGrant> slurm;
 
   bool is_visible(unsigned nvml_index) const;
   std::optional<unsigned> cuda_ordinal_of(unsigned nvml_index) const;
+  // Visible, and inside a Slurm job granted: the GPUs work may be placed on.
+  bool is_candidate(unsigned nvml_index) const;
+  // The candidates, in CUDA ordinal order.
+  std::vector<unsigned> candidates() const;
+  // Why a GPU is not a candidate ("outside CUDA_VISIBLE_DEVICES", "not granted to Slurm job 12");
+  // nullopt when it is one.
+  std::optional<std::string> why_not_candidate(unsigned nvml_index) const;
 };
 
 // Applies CUDA's parsing rules to `env` on the host described by `snapshot`. Never fails: an
@@ -72,6 +120,7 @@ struct Visibility {
 //   * CUDA_DEVICE_ORDER counts as PCI_BUS_ID only when it is exactly `PCI_BUS_ID`.
 //   * GPUs of different models (by name; unknown names are ignored) without PCI_BUS_ID: integer
 //     entries, and the ordinals of an unset variable, are read in PCI order and `ambiguity` is set.
+// Inside a Slurm job (env.slurm_job_id set and not empty) `slurm` is filled as SlurmGrant says.
 Visibility resolve_visibility(const Snapshot& snapshot, const VisibilityEnv& env);
 
 // A device setting as services write it (`…_DEVICE=auto|cuda|cuda:N|cpu|GPU-<uuid>`).

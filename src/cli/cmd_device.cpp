@@ -70,28 +70,32 @@ void run_device(Context& context, const DeviceOptions& options) {
   }
   const Snapshot& snapshot = *snapshot_result;
   Visibility visibility = context.visibility(snapshot);
-  if (spec.kind == DeviceSpec::Kind::automatic && visibility.visible.empty()) {
-    say(snapshot.gpus.empty() ? "no NVIDIA GPU on this host" : "no GPU is visible to this process (CUDA_VISIBLE_DEVICES)");
+  // Inside a Slurm job a visible GPU the job was not granted is no more usable than a hidden one.
+  const std::vector<unsigned> usable = visibility.candidates();
+  const std::string why_none = snapshot.gpus.empty()            ? "this host has none"
+                               : visibility.visible.empty()     ? "CUDA_VISIBLE_DEVICES hides every GPU"
+                               : visibility.slurm               ? visibility.slurm->label() + " was granted none"
+                                                                : "none is usable";
+  if (spec.kind == DeviceSpec::Kind::automatic && usable.empty()) {
+    say(snapshot.gpus.empty() ? "no NVIDIA GPU on this host" : "no GPU for this process: " + why_none);
     say("auto: using cpu");
     std::printf("cpu\n");
     return;
   }
-  if (visibility.visible.empty()) {
-    throw CommandError(make_error(Errc::nvml_unavailable, "device " + spec_text + " needs a GPU, but " +
-                                                              (snapshot.gpus.empty() ? std::string("this host has none")
-                                                                                     : "CUDA_VISIBLE_DEVICES hides every GPU")));
+  if (usable.empty()) {
+    throw CommandError(make_error(Errc::nvml_unavailable, "device " + spec_text + " needs a GPU, but " + why_none));
   }
   if (visibility.ambiguity) throw CommandError(make_error(Errc::bad_input, *visibility.ambiguity));
 
   const std::string restriction =
       spec.kind == DeviceSpec::Kind::cuda_ordinal || spec.kind == DeviceSpec::Kind::uuid ? spec_text : std::string();
   const Visibility candidates = restrict_to_device(restriction, snapshot, visibility);  // bad specs fail here, before output
-  for (unsigned index : visibility.visible) say(memory_line(snapshot.gpus[index]));
+  for (unsigned index : usable) say(memory_line(snapshot.gpus[index]));
   visibility = candidates;
   const Decision decision = value_or_throw(select_gpus(requirements, snapshot, visibility, context.reservations(snapshot)));
   for (const auto& warning : decision.warnings) print_warning(context, warning);
   if (!decision.fits()) {
-    for (unsigned index : visibility.visible) {
+    for (unsigned index : visibility.candidates()) {
       say(verdict_line(snapshot.gpus[index], decision.verdicts[index], context.visibility(snapshot)));
     }
     print_error(decision.summary);

@@ -48,6 +48,10 @@ Visibility restrict_to_device(const std::string& spec_text, const Snapshot& snap
   if (spec_text.empty()) return visibility;
   const DeviceSpec spec = value_or_throw(parse_device_spec(spec_text));
   auto only = [&visibility, &spec_text](unsigned index) {
+    if (visibility.slurm && !visibility.is_candidate(index)) {
+      throw CommandError(make_error(Errc::bad_input, "device " + spec_text + " is GPU " + std::to_string(index) + ", which " +
+                                                         visibility.slurm->label() + " was not granted"));
+    }
     visibility.visible = {index};
     visibility.restricted = true;
     visibility.restricted_by = "--device " + spec_text;
@@ -63,8 +67,8 @@ Visibility restrict_to_device(const std::string& spec_text, const Snapshot& snap
       if (spec.ordinal >= visibility.visible.size()) {
         throw CommandError(make_error(Errc::bad_input, "device cuda:" + std::to_string(spec.ordinal) + " does not exist: " +
                                                            std::to_string(visibility.visible.size()) + " GPU" +
-                                                           (visibility.visible.size() == 1 ? " is" : "s are") +
-                                                           " visible (cuda:0 to cuda:" +
+                                                           (visibility.visible.size() == 1 ? " is" : "s are") + " visible" +
+                                                           (visibility.slurm ? " in " + visibility.slurm->label() : "") + " (cuda:0 to cuda:" +
                                                            std::to_string(visibility.visible.empty() ? 0 : visibility.visible.size() - 1) + ")"));
       }
       return only(visibility.visible[spec.ordinal]);

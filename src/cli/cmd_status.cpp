@@ -37,6 +37,22 @@ std::string load_marker(const GpuInfo& gpu, bool color) {
 
 std::string percent(const std::optional<unsigned>& value) { return value ? std::to_string(*value) + "%" : "N/A"; }
 
+// "Slurm job 12 granted GPUs 1,2 (SLURM_JOB_GPUS='1,2', matched by /dev/nvidiaN minor number)"
+std::string slurm_line(const SlurmGrant& grant) {
+  std::string granted;
+  for (unsigned index : grant.granted) granted += (granted.empty() ? "" : ",") + std::to_string(index);
+  std::string line = grant.label() + " granted ";
+  line += grant.granted.empty() ? std::string("no GPU") : (grant.granted.size() == 1 ? "GPU " : "GPUs ") + granted;
+  switch (grant.matched_by) {
+    case SlurmGrant::Match::minor_number:
+      line += " (" + grant.source + "=" + quote_for_message(grant.listed) + ", matched by /dev/nvidiaN minor number)";
+      break;
+    case SlurmGrant::Match::cuda_visible_devices: line += " (as CUDA_VISIBLE_DEVICES shows)"; break;
+    case SlurmGrant::Match::none: break;
+  }
+  return line;
+}
+
 void print_table(Context& context, const Snapshot& snapshot, const Visibility& visibility, const Decision& recommendation,
                  const std::vector<LeaseRecord>& leases) {
   const bool color = context.color_stdout();
@@ -47,8 +63,14 @@ void print_table(Context& context, const Snapshot& snapshot, const Visibility& v
               snapshot.gpus.size(), snapshot.gpus.size() == 1 ? "" : "s");
   if (visibility.note) std::printf("note: %s\n", visibility.note->c_str());
   if (visibility.ambiguity) std::printf("note: %s\n", visibility.ambiguity->c_str());
-  std::printf("%-4s %-5s %-28s %21s %11s %11s %5s %5s %6s %s\n", "GPU", "LOAD", "NAME", "MEMORY USED / TOTAL", "FREE",
-              "AVAILABLE", "UTIL", "TEMP", "POWER", "CUDA");
+  if (visibility.slurm) {
+    std::printf("%s\n", slurm_line(*visibility.slurm).c_str());
+    if (visibility.slurm->note) std::printf("note: %s\n", visibility.slurm->note->c_str());
+  }
+  // Inside a Slurm job a last column says which GPUs the job was granted.
+  const bool in_slurm_job = visibility.slurm.has_value();
+  std::printf("%-4s %-5s %-28s %21s %11s %11s %5s %5s %6s %-6s%s\n", "GPU", "LOAD", "NAME", "MEMORY USED / TOTAL",
+              "FREE", "AVAILABLE", "UTIL", "TEMP", "POWER", "CUDA", in_slurm_job ? " SLURM" : "");
   for (const auto& gpu : snapshot.gpus) {
     const GpuVerdict& verdict = recommendation.verdicts[gpu.nvml_index];
     std::string cuda = "hidden";
@@ -65,12 +87,13 @@ void print_table(Context& context, const Snapshot& snapshot, const Visibility& v
       std::snprintf(memory, sizeof memory, "%.2f / %.2f GiB", double(*gpu.memory_used_bytes) / double(kGiB),
                     double(*gpu.memory_total_bytes) / double(kGiB));
     }
-    std::printf("%-4u %s%*s %-28.28s %21s %11s %11s %5s %5s %6s %s\n", gpu.nvml_index, marker.c_str(), pad, "",
+    const char* granted = !in_slurm_job ? "" : visibility.is_candidate(gpu.nvml_index) ? " granted" : " -";
+    std::printf("%-4u %s%*s %-28.28s %21s %11s %11s %5s %5s %6s %-6s%s\n", gpu.nvml_index, marker.c_str(), pad, "",
                 gpu.name.c_str(), memory, gpu.memory_free_bytes ? format_gib(*gpu.memory_free_bytes).c_str() : "N/A",
                 verdict.available_bytes ? format_gib(*verdict.available_bytes).c_str() : "N/A",
                 percent(gpu.utilization_gpu_percent).c_str(),
                 gpu.temperature_c ? (std::to_string(*gpu.temperature_c) + "C").c_str() : "N/A",
-                gpu.power_mw ? (std::to_string(*gpu.power_mw / 1000) + "W").c_str() : "N/A", cuda.c_str());
+                gpu.power_mw ? (std::to_string(*gpu.power_mw / 1000) + "W").c_str() : "N/A", cuda.c_str(), granted);
     for (const auto& process : gpu.processes) {
       std::printf("       pid %-8d %-10s %11s  %s\n", int(process.pid), process.user.value_or("?").c_str(),
                   process.used_bytes ? format_gib(*process.used_bytes).c_str() : "N/A",

@@ -135,7 +135,11 @@ OutstandingReservations Context::reservations(const Snapshot& snapshot, std::vec
 }
 
 Visibility Context::visibility(const Snapshot& snapshot) const {
-  return resolve_visibility(snapshot, visibility_env_from_process());
+  Visibility visibility = resolve_visibility(snapshot, visibility_env_from_process());
+  if (visibility.slurm && visibility.slurm->note && !slurm_note_shown_.exchange(true)) {
+    print_warning(*this, *visibility.slurm->note);
+  }
+  return visibility;
 }
 
 void print_error(const std::string& message) { std::fprintf(stderr, "gpuslot: %s\n", message.c_str()); }

@@ -2,6 +2,7 @@
 // once), the snapshot (taken at most once per decision), and how to print.
 #pragma once
 
+#include <atomic>
 #include <cstdio>
 #include <functional>
 #include <memory>
@@ -38,7 +39,9 @@ class Context {
   // A fresh Snapshot (one NVML pass).
   Result<Snapshot> snapshot(bool with_processes = true);
 
-  // Visibility of this process's environment on `snapshot`.
+  // Visibility of this process's environment on `snapshot`: CUDA_VISIBLE_DEVICES and, inside a
+  // Slurm job, the job's grant. A note about the grant (a fallback, no GPU granted) is printed
+  // as a warning the first time only: a waiting `run` asks again on every attempt.
   Visibility visibility(const Snapshot& snapshot) const;
 
   // The host's lease ledger (state directory opened and checked once). Errc::state if unusable.
@@ -64,6 +67,7 @@ class Context {
   std::optional<Error> nvml_error_;
   bool color_stdout_ = false;
   bool color_stderr_ = false;
+  mutable std::atomic<bool> slurm_note_shown_{false};
 };
 
 // Prints "gpuslot: <message>" on stderr (one line).

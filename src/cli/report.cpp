@@ -14,6 +14,28 @@ nlohmann::json or_null(const std::optional<T>& value) {
   return value ? nlohmann::json(*value) : nlohmann::json(nullptr);
 }
 
+const char* match_name(SlurmGrant::Match match) {
+  switch (match) {
+    case SlurmGrant::Match::minor_number: return "minor_number";
+    case SlurmGrant::Match::cuda_visible_devices: return "cuda_visible_devices";
+    case SlurmGrant::Match::none: return "none";
+  }
+  return "none";
+}
+
+nlohmann::json slurm_json(const Visibility& visibility) {
+  if (!visibility.slurm) return nullptr;
+  const SlurmGrant& grant = *visibility.slurm;
+  const bool listed = !grant.source.empty();
+  return {{"job_id", grant.job_id},
+          {"source", listed ? nlohmann::json(grant.source) : nlohmann::json(nullptr)},
+          {"listed", listed ? nlohmann::json(grant.listed) : nlohmann::json(nullptr)},
+          {"numbers", grant.numbers},
+          {"granted", grant.granted},
+          {"matched_by", match_name(grant.matched_by)},
+          {"note", or_null(grant.note)}};
+}
+
 std::string gpu_label(const GpuInfo& gpu) {
   return "GPU " + std::to_string(gpu.nvml_index) + " (" + (gpu.name.empty() ? "unknown model" : gpu.name) + ")";
 }
@@ -38,6 +60,7 @@ nlohmann::json status_json(const Snapshot& snapshot, const Visibility& visibilit
         {"uuid", gpu.uuid},
         {"name", gpu.name},
         {"pci_bus_id", gpu.pci_bus_id},
+        {"minor_number", or_null(gpu.minor_number)},
         {"memory",
          {{"total", or_null(gpu.memory_total_bytes)},
           {"used", or_null(gpu.memory_used_bytes)},
@@ -52,6 +75,7 @@ nlohmann::json status_json(const Snapshot& snapshot, const Visibility& visibilit
         {"health_error", gpu.healthy ? nlohmann::json(nullptr) : nlohmann::json(gpu.health_error)},
         {"visible", visibility.is_visible(gpu.nvml_index)},
         {"cuda_ordinal", visibility.ambiguity ? nlohmann::json(nullptr) : or_null(visibility.cuda_ordinal_of(gpu.nvml_index))},
+        {"slurm_granted", visibility.slurm ? nlohmann::json(visibility.is_candidate(gpu.nvml_index)) : nlohmann::json(nullptr)},
         {"processes", std::move(processes)},
         {"leases", leases_by_gpu.contains(key) ? leases_by_gpu[key] : nlohmann::json::array()},
     });
@@ -64,6 +88,7 @@ nlohmann::json status_json(const Snapshot& snapshot, const Visibility& visibilit
       {"cuda_visible_devices", visibility.restricted ? nlohmann::json(visibility.visible) : nlohmann::json(nullptr)},
       {"visibility_note", or_null(visibility.note)},
       {"ambiguity", or_null(visibility.ambiguity)},
+      {"slurm", slurm_json(visibility)},
   };
 }
 

@@ -13,9 +13,11 @@
 
 namespace gpuslot::cli {
 
-// `status --json`: driver_version, gpus[] (index, uuid, name, pci_bus_id, memory{total, used,
-// free, reserved, available}, utilization{gpu, memory}, temperature_c, power_mw, healthy,
-// visible, cuda_ordinal, processes[], leases[]), recommended. Unknown values are null.
+// `status --json`: driver_version, gpus[] (index, uuid, name, pci_bus_id, minor_number,
+// memory{total, used, free, reserved, available}, utilization{gpu, memory}, temperature_c,
+// power_mw, healthy, visible, cuda_ordinal, slurm_granted, processes[], leases[]), recommended,
+// slurm (null outside a Slurm job, else {job_id, source, listed, numbers, granted, matched_by,
+// note}). Unknown values are null; slurm_granted is null outside a Slurm job.
 // `leases_by_gpu`, when given, is spliced in per NVML index (the lease layer owns its format).
 nlohmann::json status_json(const Snapshot& snapshot, const Visibility& visibility, const Decision& recommendation,
                            const nlohmann::json& leases_by_gpu = nlohmann::json::object());

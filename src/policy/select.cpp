@@ -143,8 +143,8 @@ Result<Decision> select_gpus(const Requirements& requirements, const Snapshot& s
     }
     const std::uint64_t available = verdict.available_bytes.value_or(0);
 
-    if (!visibility.is_visible(gpu.nvml_index)) {
-      verdict.reason = "not a candidate: outside " + visibility.restricted_by;
+    if (auto why = visibility.why_not_candidate(gpu.nvml_index)) {
+      verdict.reason = "not a candidate: " + *why;
     } else if ((*excluded)[gpu.nvml_index]) {
       verdict.reason = "excluded";
     } else if (!gpu.healthy) {
@@ -205,8 +205,10 @@ Result<Decision> select_gpus(const Requirements& requirements, const Snapshot& s
   if (requirements.memory_bytes > 0) asked += " with " + format_size(requirements.memory_bytes);
   if (usable_by_visibility < requirements.gpu_count) {
     decision.impossible = true;
+    // Inside a Slurm job the limit is the job's grant, not what CUDA could see.
     decision.summary = "no GPU fits: " + asked + " requested, but only " + std::to_string(usable_by_visibility) +
-                       " usable GPU" + (usable_by_visibility == 1 ? " is" : "s are") + " visible";
+                       " usable GPU" + (usable_by_visibility == 1 ? " is" : "s are") +
+                       (visibility.slurm ? " granted to " + visibility.slurm->label() : std::string(" visible"));
   } else if (requirements.memory_bytes > largest_total) {
     decision.impossible = true;
     decision.summary = "no GPU fits: " + asked + " requested, but the largest visible GPU has " +

@@ -30,6 +30,7 @@
 
 #include "gpuslot/visibility.hpp"
 #include "visibility/matching.hpp"
+#include "visibility/slurm_grant.hpp"
 
 namespace gpuslot {
 namespace {
@@ -247,6 +248,9 @@ VisibilityEnv visibility_env_from_process() {
   VisibilityEnv env;
   if (const char* value = std::getenv("CUDA_VISIBLE_DEVICES")) env.cuda_visible_devices = value;
   if (const char* value = std::getenv("CUDA_DEVICE_ORDER")) env.cuda_device_order = value;
+  if (const char* value = std::getenv("SLURM_JOB_ID")) env.slurm_job_id = value;
+  if (const char* value = std::getenv("SLURM_STEP_GPUS")) env.slurm_step_gpus = value;
+  if (const char* value = std::getenv("SLURM_JOB_GPUS")) env.slurm_job_gpus = value;
   return env;
 }
 
@@ -297,6 +301,7 @@ Visibility resolve_visibility(const Snapshot& snapshot, const VisibilityEnv& env
     }
   }
   if (!notes.empty()) out.note = joined(notes);
+  apply_slurm_grant(snapshot, env, out);
   return out;
 }
 

@@ -128,6 +128,25 @@ TEST(SelectGpus, InvisibleGpusAreNeverChosen) {
   EXPECT_NE(decision->verdicts[1].reason.find("outside CUDA_VISIBLE_DEVICES"), std::string::npos);
 }
 
+TEST(SelectGpus, GpusOutsideTheSlurmGrantAreNeverChosen) {
+  const Snapshot snapshot = seed_host();
+  Visibility visibility = all_of(snapshot);  // CUDA sees all four (CUDA_VISIBLE_DEVICES unset)
+  visibility.slurm = SlurmGrant{};
+  visibility.slurm->job_id = "12";
+  visibility.slurm->granted = {0, 2};  // GPUs 1 and 3 have the most room, but are not the job's
+  auto decision = select_gpus(Requirements{}, snapshot, visibility);
+  ASSERT_TRUE(decision.ok());
+  EXPECT_EQ(decision->chosen, std::vector<unsigned>{2});
+  EXPECT_EQ(decision->verdicts[1].reason, "not a candidate: not granted to Slurm job 12");
+
+  Requirements three;
+  three.gpu_count = 3;
+  decision = select_gpus(three, snapshot, visibility);
+  ASSERT_TRUE(decision.ok());
+  EXPECT_TRUE(decision->impossible);
+  EXPECT_EQ(decision->summary, "no GPU fits: 3 GPUs requested, but only 2 usable GPUs are granted to Slurm job 12");
+}
+
 TEST(SelectGpus, UnhealthyGpuIsPassedOverWithItsError) {
   Snapshot snapshot = seed_host();
   snapshot.gpus[1].healthy = false;
