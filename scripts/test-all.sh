@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run) and as README.md's second command runs it:
 #   1. install the Debian packages it needs;
-#   2. build with -Werror and run every test (unit, end-to-end through the fake NVML);
+#   2. build with -Werror and run every test (unit, end-to-end through the fake NVML, and as root
+#      under a real one-node Slurm);
 #   3. the same build and tests under AddressSanitizer + UndefinedBehaviorSanitizer;
 #   4. each libFuzzer target for a few seconds from its seed corpus (clang).
 # Exits non-zero on the first failure. Build trees: build/, build-asan/, build-fuzz/.
@@ -13,6 +14,8 @@ jobs=$(nproc)
 echo "== build (warnings as errors) and test"
 cmake -S . -B build -G Ninja -DGPUSLOT_WERROR=ON >/dev/null
 ninja -C build
+# As root (CI) the real-Slurm tests (label slurm) must run, not skip: install-deps.sh installed Slurm.
+if [[ $(id -u) -eq 0 ]]; then export GPUSLOT_REQUIRE_SLURM=1; fi
 (cd build && ctest --output-on-failure -j"$jobs")
 
 echo "== AddressSanitizer + UndefinedBehaviorSanitizer"
