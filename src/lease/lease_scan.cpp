@@ -32,7 +32,10 @@ struct ReadOutcome {
 
 // Reads one lease file defensively. No record (with a warning where useful) for anything that is
 // not a live, well-formed lease owned by the uid it claims.
-ReadOutcome read_lease(const std::string& path, std::vector<std::string>* warnings) {
+// `name` is looked up in `directory_fd` (one path component, not the whole path each time);
+// `path` is the same file's full name, for messages and the record.
+ReadOutcome read_lease(int directory_fd, const std::string& name, const std::string& path,
+                       std::vector<std::string>* warnings) {
   auto warn = [&](const std::string& why) {
     if (warnings != nullptr) warnings->push_back("ignoring lease file " + path + ": " + why);
   };
@@ -42,7 +45,7 @@ ReadOutcome read_lease(const std::string& path, std::vector<std::string>* warnin
   // A dead holder cannot replace its file, so a file replaced on every try has a live holder.
   constexpr int kReadsOfAReplacedFile = 4;
   for (int attempt = 1;; ++attempt) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    const int fd = ::openat(directory_fd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
       if (errno == ELOOP) {
         warn("it is a symlink");
@@ -80,14 +83,14 @@ ReadOutcome read_lease(const std::string& path, std::vector<std::string>* warnin
       // Checked after the lock probe: if the name still points to the inode found unlocked, its
       // holder let go without replacing it, i.e. died (release() unlinks before it unlocks).
       struct stat now {};
-      if (::lstat(path.c_str(), &now) != 0) return {std::nullopt, errno == ENOENT};
+      if (::fstatat(directory_fd, name.c_str(), &now, AT_SYMLINK_NOFOLLOW) != 0) return {std::nullopt, errno == ENOENT};
       if (now.st_ino != info.st_ino || now.st_dev != info.st_dev) {
         if (attempt < kReadsOfAReplacedFile) continue;
         live = true;  // replaced on every try: its holder is alive and busy with it
       }
     }
     if (!live) {
-      ::unlink(path.c_str());  // our own or root's to clean; the sticky bit refuses others, harmlessly
+      ::unlinkat(directory_fd, name.c_str(), 0);  // our own or root's to clean; the sticky bit refuses others, harmlessly
       return {};
     }
     record->path = path;
@@ -137,7 +140,7 @@ void LeaseScan::refresh(std::vector<std::string>* warnings) {
       continue;
     }
     ++files_read_;
-    ReadOutcome outcome = read_lease(directory_ + "/" + name, warnings);
+    ReadOutcome outcome = read_lease(::dirfd(dir), name, directory_ + "/" + name, warnings);
     if (outcome.gone) continue;
     Seen seen(inode, std::move(outcome.record));
     if (outcome.fd >= 0) {

@@ -55,15 +55,29 @@ Result<Reservation> Ledger::reserve(const ReserveRequest& request, const Snapsho
 namespace lease_internal {
 
 OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Snapshot& snapshot, ProcessFacts& facts) {
-  // Holder pid -> leases it holds, but only while that pid is still the process that took them.
-  // A pending lease (holder pid 0) has no holder yet: nothing is credited against it.
+  // Holder pid -> leases it holds. A pending lease (holder pid 0) has no holder yet: nothing is
+  // credited against it.
   std::map<pid_t, std::vector<std::size_t>> by_holder;
   for (std::size_t i = 0; i < leases.size(); ++i) {
     leases[i].in_use_bytes = 0;
-    if (leases[i].holder_pid > 0 && facts.start_ticks(leases[i].holder_pid) == leases[i].holder_start_ticks) {
-      by_holder[leases[i].holder_pid].push_back(i);
-    }
+    if (leases[i].holder_pid > 0) by_holder[leases[i].holder_pid].push_back(i);
   }
+  // The leases of `pid` it still holds, i.e. while it is still the process that took them (a
+  // reused pid is another process). Asked only of pids a GPU process's ancestry reaches, so /proc
+  // is read for those holders alone, not for every lease.
+  std::map<pid_t, std::vector<std::size_t>> verified;
+  auto held_by = [&](pid_t pid) -> const std::vector<std::size_t>* {
+    auto it = by_holder.find(pid);
+    if (it == by_holder.end()) return nullptr;
+    auto [entry, inserted] = verified.try_emplace(pid);
+    if (inserted) {
+      const auto ticks = facts.start_ticks(pid);
+      for (std::size_t i : it->second) {
+        if (ticks == leases[i].holder_start_ticks) entry->second.push_back(i);
+      }
+    }
+    return entry->second.empty() ? nullptr : &entry->second;
+  };
   // Memory each lease's process tree uses on each GPU: walk each GPU process up to its ancestors.
   std::map<std::pair<std::size_t, std::string>, std::uint64_t> in_use;
   // Holds are attributed by session: the process that will use them is not born yet.
@@ -89,8 +103,8 @@ OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Sn
       if (by_holder.empty()) continue;
       pid_t pid = process.pid;
       for (int depth = 0; depth < 64 && pid > 1; ++depth) {
-        if (auto it = by_holder.find(pid); it != by_holder.end()) {
-          for (std::size_t i : it->second) {
+        if (const auto* held = held_by(pid)) {
+          for (std::size_t i : *held) {
             const auto& uuids = leases[i].gpu_uuids;
             if (std::find(uuids.begin(), uuids.end(), gpu.uuid) == uuids.end()) continue;
             in_use[{i, gpu.uuid}] += *process.used_bytes;

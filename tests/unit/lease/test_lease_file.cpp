@@ -1,18 +1,231 @@
-// Lease files: HeldLease::reassign (a scheduler hands its pending lease to the job it spawned).
+// Lease files: their JSON form (written by gpuslot, read from anyone's files), and HeldLease::reassign
+// (a scheduler hands its pending lease to the job it spawned).
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <thread>
 
+#include "lease/internal.hpp"
 #include "unit/lease/ledger_fixture.hpp"
 
 namespace gpuslot {
 namespace {
 
 using namespace testing_lease;
+
+using lease_internal::from_json_text;
+using lease_internal::to_json_text;
+
+LeaseRecord sample_record() {
+  LeaseRecord record;
+  record.id = "4242-0badcafe";
+  record.holder_pid = 4242;
+  record.holder_start_ticks = 123456789;
+  record.uid = 1000;
+  record.user = "alice";
+  record.gpu_uuids = {kGpu0, "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"};
+  record.nvml_indices = {0, 3};
+  record.reserved_bytes = 10 * kGiB;
+  record.command = "python3 train.py --name \"x\" \u00e9";
+  record.taken_at_ms = 1790000000123;
+  record.expires_at_ms = 1790000060123;
+  record.holder_session = 4000;
+  return record;
+}
+
+void expect_same(const LeaseRecord& a, const LeaseRecord& b) {
+  EXPECT_EQ(a.id, b.id);
+  EXPECT_EQ(a.holder_pid, b.holder_pid);
+  EXPECT_EQ(a.holder_start_ticks, b.holder_start_ticks);
+  EXPECT_EQ(a.uid, b.uid);
+  EXPECT_EQ(a.user, b.user);
+  EXPECT_EQ(a.gpu_uuids, b.gpu_uuids);
+  EXPECT_EQ(a.nvml_indices, b.nvml_indices);
+  EXPECT_EQ(a.reserved_bytes, b.reserved_bytes);
+  EXPECT_EQ(a.command, b.command);
+  EXPECT_EQ(a.taken_at_ms, b.taken_at_ms);
+  EXPECT_EQ(a.expires_at_ms, b.expires_at_ms);
+  EXPECT_EQ(a.holder_session, b.holder_session);
+}
+
+// The reading of lease files as a JSON document and get<T>(): from_json_text's fallback, written
+// out here as the reference its fast path must agree with.
+std::optional<LeaseRecord> parse_with_document(const std::string& text) {
+  try {
+    const nlohmann::json json = nlohmann::json::parse(text);
+    if (json.value("format", 0) != 1) return std::nullopt;
+    LeaseRecord record;
+    record.id = json.at("id").get<std::string>();
+    record.holder_pid = json.at("holder_pid").get<pid_t>();
+    record.holder_start_ticks = json.at("holder_start_ticks").get<unsigned long long>();
+    record.uid = json.at("uid").get<uid_t>();
+    record.user = json.at("user").get<std::string>();
+    record.gpu_uuids = json.at("gpu_uuids").get<std::vector<std::string>>();
+    record.nvml_indices = json.at("nvml_indices").get<std::vector<unsigned>>();
+    record.reserved_bytes = json.at("reserved_bytes").get<std::uint64_t>();
+    record.command = json.at("command").get<std::string>();
+    record.taken_at_ms = json.at("taken_at_ms").get<std::int64_t>();
+    if (!json.at("expires_at_ms").is_null()) record.expires_at_ms = json.at("expires_at_ms").get<std::int64_t>();
+    record.holder_session = json.value("holder_session", pid_t(0));
+    if (record.id.empty() || record.gpu_uuids.empty() || record.holder_pid < 0) return std::nullopt;
+    return record;
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
+LeaseRecord plain_record() {
+  LeaseRecord record = sample_record();
+  record.command = "python3 train.py --epochs 3";
+  return record;
+}
+
+TEST(LeaseJson, RoundTrips) {
+  LeaseRecord record = sample_record();
+  auto read = from_json_text(to_json_text(record));
+  ASSERT_TRUE(read.ok()) << read.error().message;
+  expect_same(*read, record);
+  record.expires_at_ms.reset();
+  record.holder_pid = 0;  // pending
+  read = from_json_text(to_json_text(record));
+  ASSERT_TRUE(read.ok()) << read.error().message;
+  expect_same(*read, record);
+}
+
+TEST(LeaseJson, RejectsWhatIsNotALease) {
+  const nlohmann::json good = nlohmann::json::parse(to_json_text(sample_record()));
+  auto with = [&](const char* key, nlohmann::json value) {
+    nlohmann::json changed = good;
+    changed[key] = std::move(value);
+    return changed.dump();
+  };
+  auto without = [&](const char* key) {
+    nlohmann::json changed = good;
+    changed.erase(key);
+    return changed.dump();
+  };
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"empty", ""},
+      {"truncated", to_json_text(sample_record()).substr(0, 40)},
+      {"trailing garbage", good.dump() + " x"},
+      {"an array", "[" + good.dump() + "]"},
+      {"a number", "1"},
+      {"format 2", with("format", 2)},
+      {"format as text", with("format", "1")},
+      {"no format", without("format")},
+      {"no id", without("id")},
+      {"no expiry key", without("expires_at_ms")},
+      {"empty id", with("id", "")},
+      {"no GPUs", with("gpu_uuids", nlohmann::json::array())},
+      {"GPU not a string", with("gpu_uuids", nlohmann::json::array({1}))},
+      {"GPUs not an array", with("gpu_uuids", kGpu0)},
+      {"nested array", with("gpu_uuids", nlohmann::json::array({nlohmann::json::array({kGpu0})}))},
+      {"negative pid", with("holder_pid", -5)},
+      {"bytes as text", with("reserved_bytes", "10G")},
+      {"user as number", with("user", 7)},
+      {"command null", with("command", nullptr)},
+      {"object value", with("uid", nlohmann::json::object())},
+  };
+  for (const auto& [what, text] : cases) {
+    auto read = from_json_text(text);
+    EXPECT_FALSE(read.ok()) << what;
+    if (!read.ok()) {
+      EXPECT_EQ(read.error().code, Errc::bad_input) << what;
+      EXPECT_EQ(read.error().message.find('\n'), std::string::npos) << what;
+    }
+  }
+}
+
+TEST(LeaseJson, SkipsUnknownKeys) {
+  nlohmann::json json = nlohmann::json::parse(to_json_text(sample_record()));
+  json["future"] = {{"nested", {1, 2, {{"deeper", nullptr}}}}, {"flag", true}};
+  json["note"] = 1.5;
+  auto read = from_json_text(json.dump());
+  ASSERT_TRUE(read.ok()) << read.error().message;
+  expect_same(*read, sample_record());
+}
+
+TEST(LeaseJson, WhatGpuslotWritesTakesTheFastPath) {
+  for (LeaseRecord record : {plain_record(), sample_record()}) {
+    for (int variant = 0; variant < 3; ++variant) {
+      if (variant == 1) record.expires_at_ms.reset();
+      if (variant == 2) record.holder_pid = 0, record.holder_session = 0, record.nvml_indices.clear();
+      const std::string text = to_json_text(record);
+      const auto fast = lease_internal::read_canonical_lease(text);
+      if (record.command == plain_record().command) {
+        ASSERT_TRUE(fast.has_value()) << text;
+        expect_same(*fast, record);
+      }
+      auto read = from_json_text(text);
+      ASSERT_TRUE(read.ok()) << read.error().message;
+      expect_same(*read, record);
+    }
+  }
+}
+
+TEST(LeaseJson, FastPathAgreesWithTheDocumentParserOnMutatedText) {
+  // Every truncation and many one- and two-byte changes of real leases: from_json_text accepts
+  // exactly what the document parser accepts, with the same record, whichever path read it.
+  std::size_t fast_accepted = 0;
+  auto check = [&](const std::string& mutated) {
+    const auto reference = parse_with_document(mutated);
+    const auto fast = lease_internal::read_canonical_lease(mutated);
+    auto read = from_json_text(mutated);
+    ASSERT_EQ(read.ok(), reference.has_value()) << mutated;
+    if (reference) expect_same(*read, *reference);
+    if (fast && reference) {
+      ++fast_accepted;
+      expect_same(*fast, *reference);
+    } else if (fast) {  // read, then refused by the checks both paths share
+      ASSERT_TRUE(fast->holder_pid < 0 || fast->id.empty() || fast->gpu_uuids.empty()) << mutated;
+    }
+  };
+  const std::string replacements = "0129-+.eE\"{}[],: nlxtu\\\x7f\x01";
+  LeaseRecord pending = plain_record();
+  pending.holder_pid = 0;
+  pending.expires_at_ms.reset();
+  for (const LeaseRecord& record : {plain_record(), pending}) {
+    const std::string text = to_json_text(record);
+    for (std::size_t length = 0; length <= text.size(); ++length) check(text.substr(0, length));
+    for (std::size_t at = 0; at < text.size(); ++at) {
+      for (char replacement : replacements) {
+        std::string mutated = text;
+        mutated[at] = replacement;
+        check(mutated);
+        mutated.insert(at, 1, replacement);  // and one byte more
+        check(mutated);
+      }
+      check(text.substr(0, at) + text.substr(at + 1));  // one byte less
+    }
+  }
+  EXPECT_GT(fast_accepted, 200u) << "many mutations are still canonical leases";
+}
+
+TEST(LeaseJson, NumbersAtTheEdgesOfTheirFieldsAgree) {
+  const nlohmann::json good = nlohmann::json::parse(to_json_text(plain_record()));
+  const char* fields[] = {"holder_pid", "holder_start_ticks", "uid", "reserved_bytes", "taken_at_ms", "expires_at_ms",
+                          "holder_session", "format"};
+  const char* numbers[] = {"0", "-0", "1", "-1", "01", "1.0", "1e3", "2147483647", "2147483648", "-2147483648",
+                           "-2147483649", "4294967295", "4294967296", "999999999999999999", "1000000000000000000",
+                           "9223372036854775807", "9223372036854775808", "-9223372036854775808", "18446744073709551615",
+                           "18446744073709551616", "true", "null", "\"1\""};
+  for (const char* field : fields) {
+    for (const char* number : numbers) {
+      nlohmann::json changed = good;
+      changed[field] = "@";
+      std::string text = changed.dump();
+      text.replace(text.find("\"@\""), 3, number);
+      const auto reference = parse_with_document(text);
+      auto read = from_json_text(text);
+      ASSERT_EQ(read.ok(), reference.has_value()) << text;
+      if (reference) expect_same(*read, *reference);
+    }
+  }
+}
 
 class LeaseFileTest : public LedgerTest {
  protected:

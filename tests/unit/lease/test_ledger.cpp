@@ -55,6 +55,29 @@ TEST_F(LedgerTest, MemoryOfTheHoldersTreeIsNotCountedTwice) {
   EXPECT_EQ(loaded.count(0), 0u) << "a model above its reservation leaves nothing outstanding";
 }
 
+TEST_F(LedgerTest, HolderPidReusedByAnotherProcessIsNotCreditedAndTheWalkGoesOn) {
+  // Lease A names this process's pid with another start time (its holder is gone and the pid was
+  // reused: this process is someone else); lease B names this process's parent, truly. Memory of
+  // this process belongs to B's tree, not A's.
+  auto lease = [](std::string id, pid_t holder, unsigned long long ticks) {
+    LeaseRecord record;
+    record.id = std::move(id);
+    record.holder_pid = holder;
+    record.holder_start_ticks = ticks;
+    record.gpu_uuids = {kGpu0};
+    record.reserved_bytes = 10 * kGiB;
+    return record;
+  };
+  const auto my_ticks = process_start_ticks(::getpid());
+  const auto parent_ticks = process_start_ticks(::getppid());
+  ASSERT_TRUE(my_ticks && parent_ticks);
+  std::vector<LeaseRecord> leases = {lease("a", ::getpid(), *my_ticks + 1), lease("b", ::getppid(), *parent_ticks)};
+  const OutstandingReservations outstanding = Ledger::outstanding(leases, one_gpu(6 * kGiB));
+  EXPECT_EQ(leases[0].in_use_bytes, 0u);
+  EXPECT_EQ(leases[1].in_use_bytes, 6 * kGiB);
+  EXPECT_EQ(outstanding.at(0), 10 * kGiB + 4 * kGiB);
+}
+
 TEST_F(LedgerTest, PendingLeaseCountsInFullEvenWhenItsOwnerShowsMemory) {
   // A scheduler reserves before it spawns the job; its own GPU memory (or another job's it
   // started) must not be credited against the new lease.
