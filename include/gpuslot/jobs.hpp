@@ -12,6 +12,10 @@
 // running jobs keep their leases and their results are not lost: `--resume` adopts jobs whose
 // shepherd still runs, records the result of those that finished meanwhile, and requeues only
 // jobs whose shepherd is gone without a result. Nothing is run twice, nothing is dropped.
+//
+// The same batch can be sent to Slurm instead (BatchOptions::executor = slurm, run_slurm_batch):
+// each attempt of each job is one Slurm job that runs the command under `gpuslot run` on the node
+// Slurm picks; the journal, states, retry rules and events are those of local mode.
 #pragma once
 
 #include <chrono>
@@ -90,6 +94,10 @@ struct JobStatus {
   std::optional<double> ended_at;
   std::optional<double> not_before;  // back-off after an out-of-memory failure
   std::vector<std::string> avoid_uuids;  // GPUs where it ran out of memory
+  // Slurm executor only: the latest attempt's Slurm job id ("" while not submitted, or while its
+  // submission is not yet confirmed) and the node it ran on ("" until it started).
+  std::string slurm_job_id;
+  std::string slurm_node;
 };
 
 // Reads a journal (read-only; safe while a scheduler runs). Errc::bad_input when `path` is not a
@@ -99,7 +107,21 @@ Result<std::vector<JobStatus>> read_journal(const std::string& path);
 // The logs folder of a journal: "<journal minus .db>.logs".
 std::string logs_directory_of(const std::string& journal_path);
 
+enum class BatchExecutor { local, slurm };
+
+// How a batch is sent to Slurm (BatchExecutor::slurm).
+struct SlurmOptions {
+  std::string partition;                   // sbatch --partition ("" = the cluster's default)
+  std::string account;                     // sbatch --account
+  std::vector<std::string> sbatch_args;    // appended after gpuslot's own sbatch options
+  std::chrono::milliseconds poll_interval{10'000};  // between squeue calls
+  std::chrono::milliseconds gpu_wait{60'000};  // how long a started job waits for room on its GPUs
+  std::string gpuslot_path;                // absolute path of the gpuslot binary the jobs run under
+};
+
 struct BatchOptions {
+  BatchExecutor executor = BatchExecutor::local;
+  SlurmOptions slurm;
   std::string journal_path;
   bool resume = false;
   std::string jobs_source;           // the jobs file as given ("-" for stdin), recorded
@@ -116,7 +138,8 @@ struct BatchOptions {
 // What the scheduler reports as it goes (the CLI prints it).
 struct BatchEvent {
   enum class Kind { started, adopted, succeeded, failed, oom_requeued, failure_requeued, lost_requeued,
-                    never_fits, dependency_failed, interrupted };
+                    never_fits, dependency_failed, interrupted,
+                    submitted };  // Slurm: sbatch accepted the attempt (JobStatus::slurm_job_id)
   Kind kind;
   const JobStatus* job;
   std::string detail;
@@ -153,8 +176,18 @@ struct BatchResult {
 // by another scheduler or unwritable.
 // `jobs` is taken by value: the scheduler keeps one copy of each job (100 000 jobs fit in
 // well under 64 MiB).
+// With options.executor == slurm it runs run_slurm_batch (the ledger and snapshots are unused).
 Result<BatchResult> run_batch(std::vector<JobSpec> jobs, const BatchOptions& options, Ledger& ledger,
                               const SnapshotSource& snapshot_source, const VisibilityOf& visibility_of,
                               BatchObserver& observer);
+
+// Runs a batch through Slurm (options.slurm): every attempt is one `sbatch` job running
+// `gpuslot run --mem M --gpus N --wait T -- CMD` on the node Slurm chose; `after` becomes
+// --dependency=afterok, a group's later jobs go to the node of its first. Watches with squeue
+// (scontrol/sacct for ended jobs); ends when every job has, or at an interrupting signal, which
+// stops submitting and leaves submitted jobs to Slurm (--resume reconciles, submitting nothing
+// twice). Needs no GPU and no NVML on the submitting host. Errc::bad_input when Slurm's commands
+// are missing or sbatch refuses the batch's own options (a bad --partition, --sbatch-arg).
+Result<BatchResult> run_slurm_batch(std::vector<JobSpec> jobs, const BatchOptions& options, BatchObserver& observer);
 
 }  // namespace gpuslot

@@ -2,8 +2,10 @@
 //
 // The scheduling lives in the jobs layer; this file reads the jobs file, prints what happens
 // (a live line on a terminal, plain log lines otherwise) and the summary.
+#include <limits.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -36,6 +38,11 @@ struct BatchCliOptions {
   std::vector<int> oom_exit_codes;
   unsigned max_running = 0;
   std::string export_format = "index";
+  // --executor slurm
+  std::string executor = "local";
+  std::string partition, account;
+  std::vector<std::string> sbatch_args;
+  std::string poll_interval, gpu_wait;
 };
 
 std::string read_jobs_text(const std::string& file) {
@@ -82,6 +89,7 @@ std::string duration_text(const JobStatus& job) {
 std::string gpus_text(const JobStatus& job) {
   std::string text;
   for (unsigned index : job.gpu_indices) text += (text.empty() ? "" : ",") + std::to_string(index);
+  if (!job.slurm_node.empty()) return job.slurm_node + ":" + (text.empty() ? "?" : text);  // Slurm: node:GPUs
   return text.empty() ? "-" : text;
 }
 
@@ -111,7 +119,11 @@ nlohmann::json job_json(const JobStatus& job, const std::string& logs_dir) {
                         {"started_at", nullptr},
                         {"ended_at", nullptr},
                         {"reason", job.reason},
-                        {"last_output", job.tail}};
+                        {"last_output", job.tail},
+                        {"slurm_job_id", nullptr},
+                        {"slurm_node", nullptr}};
+  if (!job.slurm_job_id.empty()) object["slurm_job_id"] = job.slurm_job_id;
+  if (!job.slurm_node.empty()) object["slurm_node"] = job.slurm_node;
   if (job.exit_code) object["exit_code"] = *job.exit_code;
   if (job.signal) object["signal"] = *job.signal;
   if (job.started_at) object["started_at"] = *job.started_at;
@@ -125,11 +137,18 @@ nlohmann::json job_json(const JobStatus& job, const std::string& logs_dir) {
 }
 
 void print_table(const std::vector<JobStatus>& jobs, bool only_unsuccessful) {
-  std::printf("%-24s %-9s %-5s %8s %6s %8s  %s\n", "JOB", "STATE", "GPU", "ATTEMPTS", "EXIT", "TIME", "REASON");
+  // A batch sent to Slurm shows each job's Slurm job id; its GPU column is NODE:GPUS.
+  const bool slurm = std::any_of(jobs.begin(), jobs.end(), [](const JobStatus& job) { return !job.slurm_job_id.empty(); });
+  const int gpu_width = slurm ? 12 : 5;
+  std::printf("%-24s %-9s %s%-*s %8s %6s %8s  %s\n", "JOB", "STATE", slurm ? "SLURM JOB  " : "", gpu_width, "GPU", "ATTEMPTS",
+              "EXIT", "TIME", "REASON");
   for (const auto& job : jobs) {
     if (only_unsuccessful && job.state == JobState::succeeded) continue;
-    std::printf("%-24s %-9s %-5s %8u %6s %8s  %s\n", job.spec.name.c_str(), job_state_name(job.state), gpus_text(job).c_str(),
-                job.attempts, exit_text(job).c_str(), duration_text(job).c_str(), one_line(job.reason).c_str());
+    const std::string slurm_id = slurm ? (job.slurm_job_id.empty() ? std::string("-") : job.slurm_job_id) : std::string();
+    std::printf("%-24s %-9s %s%s%-*s %8u %6s %8s  %s\n", job.spec.name.c_str(), job_state_name(job.state),
+                slurm ? (slurm_id + std::string(slurm_id.size() < 10 ? 10 - slurm_id.size() : 0, ' ')).c_str() : "",
+                slurm ? " " : "", gpu_width, gpus_text(job).c_str(), job.attempts, exit_text(job).c_str(),
+                duration_text(job).c_str(), one_line(job.reason).c_str());
     if (job.state == JobState::failed && !job.tail.empty()) {
       std::istringstream lines(job.tail);
       for (std::string line; std::getline(lines, line);) std::printf("    | %s\n", line.c_str());
@@ -140,7 +159,7 @@ void print_table(const std::vector<JobStatus>& jobs, bool only_unsuccessful) {
 // Prints the run as it goes: a live line on a terminal, one plain line per transition otherwise.
 class Printer final : public BatchObserver {
  public:
-  explicit Printer(bool tty) : tty_(tty) {}
+  Printer(bool tty, bool slurm) : tty_(tty), slurm_(slurm) {}
 
   void on_event(const BatchEvent& event) override {
     const JobStatus& job = *event.job;
@@ -148,13 +167,20 @@ class Printer final : public BatchObserver {
     switch (event.kind) {
       case BatchEvent::Kind::started:
         if (tty_) return;
-        line = "started " + job.spec.name + " on GPU " + gpus_text(job) + " (attempt " + std::to_string(job.attempts) + ")";
+        line = "started " + job.spec.name + " " +
+               (job.slurm_job_id.empty() ? "on GPU " + gpus_text(job) : event.detail) + " (attempt " + std::to_string(job.attempts) + ")";
+        break;
+      case BatchEvent::Kind::submitted:
+        if (tty_) return;
+        line = "submitted " + job.spec.name + " " + event.detail + " (attempt " + std::to_string(job.attempts) + ")";
         break;
       case BatchEvent::Kind::succeeded:
         if (tty_) return;
         line = "succeeded " + job.spec.name + " in " + duration_text(job);
         break;
-      case BatchEvent::Kind::adopted: line = "adopted " + job.spec.name + " (still running on GPU " + gpus_text(job) + ")"; break;
+      case BatchEvent::Kind::adopted:
+        line = "adopted " + job.spec.name + " (" + (slurm_ ? event.detail : "still running on GPU " + gpus_text(job)) + ")";
+        break;
       case BatchEvent::Kind::failed:
       case BatchEvent::Kind::never_fits:
       case BatchEvent::Kind::dependency_failed: line = "FAILED " + job.spec.name + ": " + event.detail; break;
@@ -203,6 +229,7 @@ class Printer final : public BatchObserver {
   }
 
   bool tty_;
+  bool slurm_;
   bool live_ = false;
   double drawn_at_ = 0;
   BatchProgress last_;
@@ -224,6 +251,52 @@ void run_status(const BatchCliOptions& options) {
               counts[1], counts[0], logs_dir.c_str());
 }
 
+// True for --executor slurm. The Slurm options need it, and local placement options mean
+// nothing to it: Slurm chooses the node and the GPUs.
+bool check_executor(const BatchCliOptions& options) {
+  if (options.executor != "local" && options.executor != "slurm") {
+    throw CommandError(make_error(Errc::bad_input, "invalid --executor " + quote_for_message(options.executor) + ": expected local or slurm"));
+  }
+  const bool slurm = options.executor == "slurm";
+  const std::pair<const char*, bool> slurm_only[] = {
+      {"--partition", !options.partition.empty()}, {"--account", !options.account.empty()},
+      {"--sbatch-arg", !options.sbatch_args.empty()}, {"--poll-interval", !options.poll_interval.empty()},
+      {"--gpu-wait", !options.gpu_wait.empty()}};
+  for (const auto& [flag, given] : slurm_only) {
+    if (given && !slurm) throw CommandError(make_error(Errc::bad_input, std::string(flag) + " needs --executor slurm"));
+  }
+  if (slurm && !options.requirements.exclude.empty()) {
+    throw CommandError(make_error(Errc::bad_input, "--exclude cannot be used with --executor slurm: Slurm chooses the GPUs "
+                                                   "(to avoid nodes: --sbatch-arg=--exclude=NODES)"));
+  }
+  if (slurm && options.requirements.strategy != "pack") {
+    throw CommandError(make_error(Errc::bad_input, "--strategy cannot be used with --executor slurm: Slurm chooses the GPUs"));
+  }
+  return slurm;
+}
+
+SlurmOptions slurm_options(const BatchCliOptions& options) {
+  SlurmOptions slurm;
+  slurm.partition = options.partition;
+  slurm.account = options.account;
+  slurm.sbatch_args = options.sbatch_args;
+  auto duration = [](const std::string& text, const char* flag, std::chrono::milliseconds fallback) {
+    if (text.empty()) return fallback;
+    auto parsed = parse_duration(text);
+    if (!parsed) throw CommandError(make_error(Errc::bad_input, std::string(flag) + ": " + parsed.error().message));
+    return *parsed;
+  };
+  slurm.poll_interval = std::max(duration(options.poll_interval, "--poll-interval", slurm.poll_interval), std::chrono::milliseconds(100));
+  slurm.gpu_wait = duration(options.gpu_wait, "--gpu-wait", slurm.gpu_wait);
+  // The jobs run this very binary on the nodes (which must see it at the same path, as they see
+  // the journal's logs folder).
+  char path[PATH_MAX];
+  const ssize_t length = ::readlink("/proc/self/exe", path, sizeof path - 1);
+  if (length <= 0) throw CommandError(make_error(Errc::state, std::string("cannot find the gpuslot binary: ") + std::strerror(errno)));
+  slurm.gpuslot_path.assign(path, std::size_t(length));
+  return slurm;
+}
+
 void run_batch_command(Context& context, const BatchCliOptions& options) {
   if (!options.status_journal.empty()) {
     if (!options.file.empty()) {
@@ -242,6 +315,7 @@ void run_batch_command(Context& context, const BatchCliOptions& options) {
   if (options.export_format != "index" && options.export_format != "uuid") {
     throw CommandError(make_error(Errc::bad_input, "invalid --export '" + options.export_format + "': expected index or uuid"));
   }
+  const bool slurm = check_executor(options);
   JobDefaults defaults;
   defaults.memory_bytes = options.requirements.mem ? requirements.memory_bytes
                                                    : value_or_throw(parse_size_bytes(default_reservation()));
@@ -270,18 +344,26 @@ void run_batch_command(Context& context, const BatchCliOptions& options) {
   batch.oom_exit_codes = options.oom_exit_codes;
   batch.max_running = options.max_running;
 
-  Ledger* ledger = value_or_throw(context.ledger());
-  value_or_throw(context.nvml());  // a batch needs GPUs: fail now, not per job
-  SnapshotSource snapshots = [&context]() { return context.snapshot(); };
-  VisibilityOf visibility = [&context](const Snapshot& snapshot) {
-    Visibility seen = context.visibility(snapshot);
-    if (seen.restricted && seen.ambiguity) throw CommandError(make_error(Errc::bad_input, *seen.ambiguity));
-    return seen;
-  };
-  Printer printer(::isatty(STDERR_FILENO) == 1 && !options.json);
-  std::fprintf(stderr, "batch: %zu jobs from %s; journal %s\n", parsed->size(),
-               options.file == "-" ? "stdin" : options.file.c_str(), batch.journal_path.c_str());
-  auto result = run_batch(std::move(*parsed), batch, *ledger, snapshots, visibility, printer);
+  Printer printer(::isatty(STDERR_FILENO) == 1 && !options.json, slurm);
+  std::fprintf(stderr, "batch: %zu jobs from %s; journal %s%s\n", parsed->size(),
+               options.file == "-" ? "stdin" : options.file.c_str(), batch.journal_path.c_str(), slurm ? "; executor slurm" : "");
+  Result<BatchResult> result = make_error(Errc::internal, "batch did not run");
+  if (slurm) {
+    // The submitting host needs neither GPUs nor NVML: Slurm places the jobs.
+    batch.executor = BatchExecutor::slurm;
+    batch.slurm = slurm_options(options);
+    result = run_slurm_batch(std::move(*parsed), batch, printer);
+  } else {
+    Ledger* ledger = value_or_throw(context.ledger());
+    value_or_throw(context.nvml());  // a batch needs GPUs: fail now, not per job
+    SnapshotSource snapshots = [&context]() { return context.snapshot(); };
+    VisibilityOf visibility = [&context](const Snapshot& snapshot) {
+      Visibility seen = context.visibility(snapshot);
+      if (seen.restricted && seen.ambiguity) throw CommandError(make_error(Errc::bad_input, *seen.ambiguity));
+      return seen;
+    };
+    result = run_batch(std::move(*parsed), batch, *ledger, snapshots, visibility, printer);
+  }
   printer.finish();
   if (!result) throw CommandError(result.error());
 
@@ -308,9 +390,17 @@ void run_batch_command(Context& context, const BatchCliOptions& options) {
     const bool brief = result->jobs.size() > kSummaryRows;
     if (!brief || failed + queued > 0) print_table(result->jobs, brief);
     if (brief && succeeded > 0) std::printf("(%zu succeeded jobs not listed: gpuslot batch --status %s)\n", succeeded, batch.journal_path.c_str());
+    std::string interrupted;
+    if (result->interrupted) {
+      interrupted = ", interrupted (gpuslot batch " + options.file + (slurm ? " --executor slurm" : "") + " --resume continues)";
+      std::string in_slurm;  // what was submitted stays in the cluster's hands
+      for (const auto& job : result->jobs) {
+        if (job.state == JobState::running && !job.slurm_job_id.empty()) in_slurm += " " + job.slurm_job_id;
+      }
+      if (!in_slurm.empty()) interrupted += "; submitted jobs stay in Slurm (to stop them: scancel" + in_slurm + ")";
+    }
     std::printf("batch: %zu jobs, %zu succeeded, %zu failed%s; journal %s, logs %s\n", result->jobs.size(), succeeded, failed,
-                result->interrupted ? (", interrupted (gpuslot batch " + options.file + " --resume continues)").c_str() : "",
-                batch.journal_path.c_str(), logs_dir.c_str());
+                interrupted.c_str(), batch.journal_path.c_str(), logs_dir.c_str());
   }
   context.exit_code = result->interrupted ? 130 : result->all_succeeded() ? 0 : 1;
 }
@@ -330,6 +420,12 @@ void add_batch(CLI::App& app, Context& context) {
   command->add_option("--max-running", options->max_running, "At most N jobs at once (default: as many as fit)");
   command->add_option("--export", options->export_format, "How children see their GPUs: index (with PCI_BUS_ID order) or uuid");
   command->add_option("--status", options->status_journal, "Show every job of JOURNAL (read-only; safe while it runs)");
+  command->add_option("--executor", options->executor, "Where jobs run: local (this host's GPUs, default) or slurm (one sbatch job each)");
+  command->add_option("--partition", options->partition, "Slurm partition (--executor slurm)");
+  command->add_option("--account", options->account, "Slurm account (--executor slurm)");
+  command->add_option("--sbatch-arg", options->sbatch_args, "One more sbatch option, e.g. --sbatch-arg=--time=2:00:00 (repeatable; --executor slurm)");
+  command->add_option("--poll-interval", options->poll_interval, "Between squeue calls (default 10s; --executor slurm)");
+  command->add_option("--gpu-wait", options->gpu_wait, "How long a started Slurm job waits for room on its GPUs before it counts as out of memory (default 60s)");
   command->add_flag("--json", options->json, "Machine-readable summary on stdout");
   command->callback([&context, options] { context.action = [&context, options] { run_batch_command(context, *options); }; });
 }

@@ -1,10 +1,16 @@
 // journal.cpp — SQLite journal of a batch.
 #include "jobs/journal.hpp"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <random>
 #include <sstream>
 
 namespace gpuslot::jobs_internal {
@@ -32,7 +38,9 @@ CREATE TABLE jobs(
   started_at REAL,
   ended_at REAL,
   not_before REAL,
-  avoid TEXT NOT NULL DEFAULT '');
+  avoid TEXT NOT NULL DEFAULT '',
+  slurm_job_id TEXT NOT NULL DEFAULT '',
+  slurm_node TEXT NOT NULL DEFAULT '');
 )sql";
 
 std::string join(const std::vector<std::string>& items) {
@@ -127,7 +135,7 @@ Journal::~Journal() {
 }
 
 Result<Journal> Journal::create(const std::string& path, const std::vector<JobSpec>& jobs, const std::string& source,
-                                std::uint64_t jobs_hash) {
+                                std::uint64_t jobs_hash, const std::vector<std::pair<std::string, std::string>>& extra_meta) {
   struct stat info {};
   if (::lstat(path.c_str(), &info) == 0) {
     return make_error(Errc::state, "journal " + quote_for_message(path) +
@@ -151,9 +159,10 @@ Result<Journal> Journal::create(const std::string& path, const std::vector<JobSp
   if (auto done = journal.exec(kSchema); !done) return fail(done.error());
   sqlite3_stmt* insert = nullptr;
   sqlite3_prepare_v2(journal.db_, "INSERT INTO meta(key, value) VALUES (?1, ?2)", -1, &insert, nullptr);
-  for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
-           {"format", kFormat}, {"jobs_file", source}, {"jobs_hash", std::to_string(jobs_hash)},
-           {"jobs", std::to_string(jobs.size())}}) {
+  std::vector<std::pair<std::string, std::string>> entries{
+      {"format", kFormat}, {"jobs_file", source}, {"jobs_hash", std::to_string(jobs_hash)}, {"jobs", std::to_string(jobs.size())}};
+  entries.insert(entries.end(), extra_meta.begin(), extra_meta.end());
+  for (const auto& [key, value] : entries) {
     bind_text(insert, 1, key);
     bind_text(insert, 2, value);
     if (sqlite3_step(insert) != SQLITE_DONE) {
@@ -203,8 +212,8 @@ Result<Journal> Journal::open(const std::string& path, bool read_only) {
     if (auto done = journal.exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL"); !done) return done.error();
     const char* sql =
         "UPDATE jobs SET state=?2, attempts=?3, oom_failures=?4, other_failures=?5, gpu_uuids=?6, gpu_indices=?7, "
-        "exit_code=?8, signal=?9, reason=?10, tail=?11, started_at=?12, ended_at=?13, not_before=?14, avoid=?15 "
-        "WHERE seq=?1";
+        "exit_code=?8, signal=?9, reason=?10, tail=?11, started_at=?12, ended_at=?13, not_before=?14, avoid=?15, "
+        "slurm_job_id=?16, slurm_node=?17 WHERE seq=?1";
     if (sqlite3_prepare_v2(journal.db_, sql, -1, &journal.update_, nullptr) != SQLITE_OK) {
       return journal.sqlite_error("preparing");
     }
@@ -226,7 +235,7 @@ Result<std::vector<JobStatus>> Journal::load(bool with_specs) const {
   sqlite3_stmt* statement = nullptr;
   const char* sql =
       "SELECT seq, name, spec, state, attempts, oom_failures, other_failures, gpu_uuids, gpu_indices, exit_code, "
-      "signal, reason, tail, started_at, ended_at, not_before, avoid FROM jobs ORDER BY seq";
+      "signal, reason, tail, started_at, ended_at, not_before, avoid, slurm_job_id, slurm_node FROM jobs ORDER BY seq";
   if (sqlite3_prepare_v2(db_, sql, -1, &statement, nullptr) != SQLITE_OK) return sqlite_error("reading");
   std::vector<JobStatus> jobs;
   jobs.reserve(std::size_t(std::stoull("0" + meta("jobs"))));  // one allocation, no doubling peak
@@ -258,6 +267,8 @@ Result<std::vector<JobStatus>> Journal::load(bool with_specs) const {
     job.ended_at = column_optional<double>(statement, 14);
     job.not_before = column_optional<double>(statement, 15);
     job.avoid_uuids = split(column_text(statement, 16));
+    job.slurm_job_id = column_text(statement, 17);
+    job.slurm_node = column_text(statement, 18);
     jobs.push_back(std::move(job));
   }
   sqlite3_finalize(statement);
@@ -286,6 +297,8 @@ Result<void> Journal::save(const std::vector<const JobStatus*>& jobs) {
     bind_optional(update_, 13, job->ended_at);
     bind_optional(update_, 14, job->not_before);
     bind_text(update_, 15, join(job->avoid_uuids));
+    bind_text(update_, 16, job->slurm_job_id);
+    bind_text(update_, 17, job->slurm_node);
     const int rc = sqlite3_step(update_);
     sqlite3_reset(update_);
     if (rc != SQLITE_DONE) {
@@ -295,6 +308,134 @@ Result<void> Journal::save(const std::vector<const JobStatus*>& jobs) {
     }
   }
   return exec("COMMIT");
+}
+
+
+const char* executor_name(BatchExecutor executor) noexcept {
+  return executor == BatchExecutor::slurm ? "slurm" : "local";
+}
+
+namespace {
+
+// Random, so that Slurm job names of two batches never collide, even for the same journal path
+// made twice (a stale job of the first must never be taken for one of the second).
+std::string new_batch_id() {
+  std::random_device source;
+  char text[9];
+  std::snprintf(text, sizeof text, "%08x", unsigned(source()));
+  return text;
+}
+
+// Checks the journal's jobs against the jobs file's and resolves `after` and groups.
+Result<void> index_jobs(OpenedBatch& batch, const std::vector<std::string>& names, std::size_t expected,
+                        const std::string& journal_path) {
+  auto& jobs = batch.jobs;
+  if (jobs.size() != expected) {
+    return make_error(Errc::bad_input, "journal " + quote_for_message(journal_path) + " holds " + std::to_string(jobs.size()) +
+                                           " jobs, the jobs file " + std::to_string(expected));
+  }
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    if (jobs[i].spec.name != names[i]) {
+      return make_error(Errc::bad_input, "journal " + quote_for_message(journal_path) + " names job " + std::to_string(i + 1) +
+                                             " " + quote_for_message(jobs[i].spec.name) + ", the jobs file " +
+                                             quote_for_message(names[i]));
+    }
+  }
+  // `after` by index. The name index is one contiguous array, freed (and given back) at once.
+  std::vector<std::pair<std::string_view, std::uint32_t>> by_name;
+  by_name.reserve(jobs.size());
+  for (std::size_t i = 0; i < jobs.size(); ++i) by_name.emplace_back(jobs[i].spec.name, std::uint32_t(i));
+  std::sort(by_name.begin(), by_name.end());
+  for (std::size_t i = 0; i < jobs.size(); ++i) {
+    for (const auto& name : jobs[i].spec.after) {
+      auto it = std::lower_bound(by_name.begin(), by_name.end(), std::make_pair(std::string_view(name), std::uint32_t(0)));
+      if (it == by_name.end() || it->first != name) {
+        return make_error(Errc::bad_input, "job " + quote_for_message(jobs[i].spec.name) + " waits for unknown job " + quote_for_message(name));
+      }
+      batch.after[i].push_back(it->second);
+    }
+  }
+  for (std::size_t i = 0; i < jobs.size(); ++i) {
+    if (!jobs[i].spec.group.empty()) batch.groups[jobs[i].spec.group].push_back(i);
+  }
+  return {};
+}
+
+Result<void> open_or_create(OpenedBatch& batch, const std::vector<JobSpec>& specs, const BatchOptions& options) {
+  const std::string executor = executor_name(options.executor);
+  if (!options.resume) {
+    const double created_at = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    auto created = Journal::create(options.journal_path, specs, options.jobs_source, options.jobs_hash,
+                                   {{"executor", executor}, {"batch_id", new_batch_id()},
+                                    {"created_at", std::to_string(std::int64_t(created_at))}});
+    if (!created) return created.error();
+    batch.journal.emplace(std::move(*created));
+    return {};
+  }
+  auto opened = Journal::open(options.journal_path, /*read_only=*/false);
+  if (!opened) {
+    Error error = opened.error();
+    if (error.message.rfind("no journal at", 0) == 0) error.message += "; nothing to resume (run without --resume to start)";
+    return error;
+  }
+  batch.journal.emplace(std::move(*opened));
+  if (batch.journal->meta("jobs_hash") != std::to_string(options.jobs_hash)) {
+    return make_error(Errc::bad_input, "the jobs file differs from the one journal " + quote_for_message(options.journal_path) +
+                                           " was made from; resume with the same file, or start a new journal");
+  }
+  std::string made_for = batch.journal->meta("executor");
+  if (made_for.empty()) made_for = "local";
+  if (made_for != executor) {
+    return make_error(Errc::bad_input, "journal " + quote_for_message(options.journal_path) + " is a batch run with --executor " +
+                                           made_for + "; resume it with --executor " + made_for);
+  }
+  return {};
+}
+
+}  // namespace
+
+Result<OpenedBatch> open_batch_journal(std::vector<JobSpec> specs, const BatchOptions& options) {
+  OpenedBatch batch;
+  batch.logs_dir = logs_directory_of(options.journal_path);
+  if (::mkdir(batch.logs_dir.c_str(), 0755) != 0 && errno != EEXIST) {
+    return make_error(Errc::state, "cannot create the logs folder " + quote_for_message(batch.logs_dir) + ": " + std::strerror(errno));
+  }
+  // One scheduler per journal. A classic POSIX record lock on a file of its own (not the
+  // database, whose locks SQLite owns): unlike flock, it belongs to the process and is not
+  // inherited by a forked shepherd, so it is free the instant the scheduler dies, even while a
+  // just-forked shepherd has not yet run.
+  const std::string lock_path = batch.logs_dir + "/scheduler.lock";
+  batch.lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+  if (batch.lock_fd < 0) {
+    return make_error(Errc::state, "cannot open " + quote_for_message(lock_path) + ": " + std::strerror(errno));
+  }
+  auto fail = [&batch](Error error) -> Result<OpenedBatch> {
+    ::close(batch.lock_fd);
+    return error;
+  };
+  struct flock whole {};
+  whole.l_type = F_WRLCK;
+  whole.l_whence = SEEK_SET;
+  if (::fcntl(batch.lock_fd, F_SETLK, &whole) != 0) {
+    return fail(make_error(Errc::state, "journal " + quote_for_message(options.journal_path) +
+                                            " is in use by another gpuslot batch (wait for it, or stop it first)"));
+  }
+  if (auto opened = open_or_create(batch, specs, options); !opened) return fail(opened.error());
+  // The jobs file's specs are now in the journal: free them before loading the journal's
+  // records, so 100 000 jobs are never held twice (issue target: < 64 MiB). On --resume the
+  // journal's jobs are the file's (same hash).
+  const std::size_t expected = specs.size();
+  std::vector<std::string> names;
+  if (options.resume) {
+    names.reserve(expected);
+    for (auto& spec : specs) names.push_back(std::move(spec.name));
+  }
+  std::vector<JobSpec>().swap(specs);
+  auto loaded = batch.journal->load(/*with_specs=*/true);
+  if (!loaded) return fail(loaded.error());
+  batch.jobs = std::move(*loaded);
+  if (auto indexed = index_jobs(batch, names, expected, options.journal_path); !indexed) return fail(indexed.error());
+  return batch;
 }
 
 }  // namespace gpuslot::jobs_internal

@@ -25,6 +25,7 @@
 
 #include "gpuslot/units.hpp"
 #include "jobs/journal.hpp"
+#include "jobs/retry_rules.hpp"
 #include "jobs/shepherd.hpp"
 
 extern char** environ;
@@ -35,22 +36,10 @@ using namespace jobs_internal;
 
 namespace {
 
-constexpr std::size_t kTailBytes = 64 * 1024;  // output read back for out-of-memory signatures
-constexpr int kTailLines = 5;                   // lines of output kept for a failed job
 constexpr auto kSnapshotMaxAge = std::chrono::milliseconds(20);
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
-
-std::string last_lines(const std::string& text, int count) {
-  std::size_t end = text.size();
-  while (end > 0 && (text[end - 1] == '\n' || text[end - 1] == '\r')) --end;
-  std::size_t start = end;
-  for (int found = 0; start > 0; --start) {
-    if (text[start - 1] == '\n' && ++found == count) break;
-  }
-  return text.substr(start, end - start);
 }
 
 struct Attempt {
@@ -96,85 +85,15 @@ class Scheduler {
  private:
   // --- journal ---------------------------------------------------------------------------------
   Result<void> open_journal() {
-    logs_dir_ = logs_directory_of(options_.journal_path);
-    if (::mkdir(logs_dir_.c_str(), 0755) != 0 && errno != EEXIST) {
-      return make_error(Errc::state, "cannot create the logs folder " + quote_for_message(logs_dir_) + ": " + std::strerror(errno));
-    }
-    // One scheduler per journal. A classic POSIX record lock on a file of its own (not the
-    // database, whose locks SQLite owns): unlike flock, it belongs to the process and is not
-    // inherited by a forked shepherd, so it is free the instant the scheduler dies, even while a
-    // just-forked shepherd has not yet run.
-    const std::string lock_path = logs_dir_ + "/scheduler.lock";
-    logs_lock_fd_ = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
-    struct flock whole {};
-    whole.l_type = F_WRLCK;
-    whole.l_whence = SEEK_SET;
-    if (logs_lock_fd_ < 0) {
-      return make_error(Errc::state, "cannot open " + quote_for_message(lock_path) + ": " + std::strerror(errno));
-    }
-    if (::fcntl(logs_lock_fd_, F_SETLK, &whole) != 0) {
-      return make_error(Errc::state, "journal " + quote_for_message(options_.journal_path) +
-                                         " is in use by another gpuslot batch (wait for it, or stop it first)");
-    }
-    if (!options_.resume) {
-      auto created = Journal::create(options_.journal_path, specs_, options_.jobs_source, options_.jobs_hash);
-      if (!created) return created.error();
-      journal_.emplace(std::move(*created));
-    } else {
-      auto opened = Journal::open(options_.journal_path, /*read_only=*/false);
-      if (!opened) {
-        Error error = opened.error();
-        if (error.message.rfind("no journal at", 0) == 0) error.message += "; nothing to resume (run without --resume to start)";
-        return error;
-      }
-      journal_.emplace(std::move(*opened));
-      if (journal_->meta("jobs_hash") != std::to_string(options_.jobs_hash)) {
-        return make_error(Errc::bad_input, "the jobs file differs from the one journal " +
-                                               quote_for_message(options_.journal_path) +
-                                               " was made from; resume with the same file, or start a new journal");
-      }
-    }
-    // The jobs file's specs are now in the journal: free them before loading the journal's
-    // records, so 100 000 jobs are never held twice (issue target: < 64 MiB). On --resume the
-    // journal's jobs are the file's (same hash).
-    const std::size_t expected = specs_.size();
-    std::vector<std::string> names;
-    if (options_.resume) {
-      names.reserve(expected);
-      for (auto& spec : specs_) names.push_back(std::move(spec.name));
-    }
-    std::vector<JobSpec>().swap(specs_);
-    auto loaded = journal_->load(/*with_specs=*/true);
-    if (!loaded) return loaded.error();
-    jobs_ = std::move(*loaded);
-    if (jobs_.size() != expected) {
-      return make_error(Errc::bad_input, "journal " + quote_for_message(options_.journal_path) + " holds " +
-                                             std::to_string(jobs_.size()) + " jobs, the jobs file " + std::to_string(expected));
-    }
-    for (std::size_t i = 0; i < names.size(); ++i) {
-      if (jobs_[i].spec.name != names[i]) {
-        return make_error(Errc::bad_input, "journal " + quote_for_message(options_.journal_path) + " names job " +
-                                               std::to_string(i + 1) + " " + quote_for_message(jobs_[i].spec.name) +
-                                               ", the jobs file " + quote_for_message(names[i]));
-      }
-    }
-    std::vector<std::string>().swap(names);
-    // `after` by index. The name index is one contiguous array, freed (and given back) at once.
-    std::vector<std::pair<std::string_view, std::uint32_t>> by_name;
-    by_name.reserve(jobs_.size());
-    for (std::size_t i = 0; i < jobs_.size(); ++i) by_name.emplace_back(jobs_[i].spec.name, std::uint32_t(i));
-    std::sort(by_name.begin(), by_name.end());
+    auto opened = open_batch_journal(std::move(specs_), options_);
+    if (!opened) return opened.error();
+    journal_.emplace(std::move(*opened->journal));
+    jobs_ = std::move(opened->jobs);
+    after_ = std::move(opened->after);
+    groups_ = std::move(opened->groups);
+    logs_dir_ = std::move(opened->logs_dir);
+    logs_lock_fd_ = opened->lock_fd;
     for (std::size_t i = 0; i < jobs_.size(); ++i) {
-      for (const auto& name : jobs_[i].spec.after) {
-        auto it = std::lower_bound(by_name.begin(), by_name.end(), std::make_pair(std::string_view(name), std::uint32_t(0)));
-        if (it == by_name.end() || it->first != name) {
-          return make_error(Errc::bad_input, "job " + quote_for_message(jobs_[i].spec.name) + " waits for unknown job " + quote_for_message(name));
-        }
-        after_[i].push_back(it->second);
-      }
-    }
-    for (std::size_t i = 0; i < jobs_.size(); ++i) {
-      if (!jobs_[i].spec.group.empty()) groups_[jobs_[i].spec.group].push_back(i);
       if (terminal(i)) ++finished_;
       if (jobs_[i].state == JobState::succeeded) ++succeeded_;
       if (jobs_[i].state == JobState::failed) ++failed_;
@@ -291,65 +210,33 @@ class Scheduler {
       pending_events_[index] = {BatchEvent::Kind::lost_requeued, job.reason};
       return;
     }
-    job.ended_at = now_s();
-    job.exit_code = outcome->exit_code;
-    job.signal = outcome->signal;
-    if (outcome->exit_code == 0 && !outcome->signal) {
-      job.state = JobState::succeeded;
-      job.reason.clear();
-      job.tail.clear();
-      ++succeeded_;
-      ++finished_;
-      pending_events_[index] = {BatchEvent::Kind::succeeded, ""};
-      return;
-    }
-    if (stopping_) {
+    if (stopping_ && (outcome->exit_code != 0 || outcome->signal)) {
       // It ended badly after we forwarded the stop signal to it: interrupted, not failed.
+      job.ended_at = now_s();
+      job.exit_code = outcome->exit_code;
+      job.signal = outcome->signal;
       job.state = JobState::queued;
       job.reason = "interrupted (signal " + std::to_string(stop_signal_) + " forwarded); --resume runs it again";
       queue_.push_back(index);
       pending_events_[index] = {BatchEvent::Kind::interrupted, job.reason};
       return;
     }
-    const std::string output = read_tail(attempt.files.err, kTailBytes) + "\n" + read_tail(attempt.files.out, kTailBytes);
-    const bool oom = looks_like_gpu_oom(output) ||
-                     (outcome->exit_code && std::find(options_.oom_exit_codes.begin(), options_.oom_exit_codes.end(),
-                                                      *outcome->exit_code) != options_.oom_exit_codes.end());
-    std::string how = outcome->signal ? "killed by signal " + std::to_string(*outcome->signal)
-                                      : "exit " + std::to_string(*outcome->exit_code);
-    if (!outcome->error.empty()) how = outcome->error;
-    job.tail = last_lines(read_tail(attempt.files.err, kTailBytes), kTailLines);
-    if (job.tail.empty()) job.tail = last_lines(read_tail(attempt.files.out, kTailBytes), kTailLines);
-    if (oom) {
-      ++job.oom_failures;
-      for (const auto& uuid : job.gpu_uuids) {
-        if (std::find(job.avoid_uuids.begin(), job.avoid_uuids.end(), uuid) == job.avoid_uuids.end()) job.avoid_uuids.push_back(uuid);
-      }
-      if (job.oom_failures <= job.spec.oom_retries) {
-        const double backoff = double(options_.oom_backoff.count()) / 1000.0 * double(1u << std::min(job.oom_failures - 1, 6u));
-        job.state = JobState::queued;
-        job.not_before = now_s() + backoff;
-        job.reason = "out of GPU memory on GPU " + gpu_list(job) + " (" + how + "); retry " +
-                     std::to_string(job.oom_failures) + " of " + std::to_string(job.spec.oom_retries) +
-                     ", another GPU first";
-        queue_.push_back(index);
-        pending_events_[index] = {BatchEvent::Kind::oom_requeued, job.reason};
-        return;
-      }
-      fail(index, "out of GPU memory (" + how + ") on " + std::to_string(job.oom_failures) + " attempt" +
-                      (job.oom_failures == 1 ? "" : "s") + "; no retries left");
-      return;
-    }
-    ++job.other_failures;
-    if (job.other_failures <= job.spec.failure_retries) {
-      job.state = JobState::queued;
-      job.reason = "failed (" + how + "); retry " + std::to_string(job.other_failures) + " of " +
-                   std::to_string(job.spec.failure_retries);
+    AttemptEnd end;
+    end.exit_code = outcome->exit_code;
+    end.signal = outcome->signal;
+    end.how = outcome->error;
+    if (outcome->exit_code != 0 || outcome->signal) read_attempt_output(end, attempt.files.out, attempt.files.err);
+    const BatchEvent::Kind kind = settle_attempt(job, end, options_, "on GPU " + gpu_list(job), ", another GPU first");
+    if (kind == BatchEvent::Kind::succeeded) {
+      ++succeeded_;
+      ++finished_;
+    } else if (kind == BatchEvent::Kind::failed) {
+      ++failed_;
+      ++finished_;
+    } else {
       queue_.push_back(index);
-      pending_events_[index] = {BatchEvent::Kind::failure_requeued, job.reason};
-      return;
     }
-    fail(index, "failed (" + how + ")");
+    pending_events_[index] = {kind, job.reason};
   }
 
   void fail(std::size_t index, std::string reason, BatchEvent::Kind kind = BatchEvent::Kind::failed) {
@@ -721,6 +608,7 @@ class Scheduler {
 Result<BatchResult> run_batch(std::vector<JobSpec> jobs, const BatchOptions& options, Ledger& ledger,
                               const SnapshotSource& snapshot_source, const VisibilityOf& visibility_of,
                               BatchObserver& observer) {
+  if (options.executor == BatchExecutor::slurm) return run_slurm_batch(std::move(jobs), options, observer);
   Scheduler scheduler(std::move(jobs), options, ledger, snapshot_source, visibility_of, observer);
   return scheduler.run();
 }
