@@ -71,19 +71,23 @@ void run_device(Context& context, const DeviceOptions& options) {
   const Snapshot& snapshot = *snapshot_result;
   Visibility visibility = context.visibility(snapshot);
   // Inside a Slurm job a visible GPU the job was not granted is no more usable than a hidden one.
+  // (The other lines are word for word those of the library's resolve_device, src/api.)
   const std::vector<unsigned> usable = visibility.candidates();
-  const std::string why_none = snapshot.gpus.empty()            ? "this host has none"
-                               : visibility.visible.empty()     ? "CUDA_VISIBLE_DEVICES hides every GPU"
-                               : visibility.slurm               ? visibility.slurm->label() + " was granted none"
-                                                                : "none is usable";
+  const std::string not_granted =
+      !visibility.visible.empty() && visibility.slurm ? visibility.slurm->label() + " was granted none" : "";
   if (spec.kind == DeviceSpec::Kind::automatic && usable.empty()) {
-    say(snapshot.gpus.empty() ? "no NVIDIA GPU on this host" : "no GPU for this process: " + why_none);
+    say(snapshot.gpus.empty()   ? "no NVIDIA GPU on this host"
+        : !not_granted.empty() ? "no GPU for this process: " + not_granted
+                               : "no GPU is visible to this process (CUDA_VISIBLE_DEVICES)");
     say("auto: using cpu");
     std::printf("cpu\n");
     return;
   }
   if (usable.empty()) {
-    throw CommandError(make_error(Errc::nvml_unavailable, "device " + spec_text + " needs a GPU, but " + why_none));
+    throw CommandError(make_error(Errc::nvml_unavailable, "device " + spec_text + " needs a GPU, but " +
+                                                              (snapshot.gpus.empty()   ? std::string("this host has none")
+                                                               : !not_granted.empty() ? not_granted
+                                                                                      : "CUDA_VISIBLE_DEVICES hides every GPU")));
   }
   if (visibility.ambiguity) throw CommandError(make_error(Errc::bad_input, *visibility.ambiguity));
 
