@@ -17,7 +17,9 @@ int main(int argc, char** argv) {
   request.env = "ASR_DEVICE";                                  // auto | cuda | cuda:N | cpu | GPU-<uuid>
   const double gib = argc > 1 ? std::atof(argv[1]) : 8.0;      // what the model needs
   request.memory_bytes = static_cast<std::uint64_t>(gib * double(gpuslot::kGiB));
-  request.on_log = [](const std::string& line) { std::fprintf(stderr, "asr_service: %s\n", line.c_str()); };
+  request.on_log = [](const std::string& line, bool warning) {
+    std::fprintf(stderr, "asr_service: %s%s\n", warning ? "warning: " : "", line.c_str());
+  };
 
   gpuslot::Explanation why;
   auto device = gpuslot::resolve_device(request, &why);

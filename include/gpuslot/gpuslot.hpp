@@ -69,18 +69,18 @@ struct Explanation {
 struct LeaseRequest {
   std::uint64_t memory_bytes = 0;    // on each GPU; 0 asks for no memory (any healthy GPU)
   unsigned gpus = 1;                 // how many GPUs
-  std::vector<std::string> exclude;  // never these: NVML indices ("3") or UUIDs / unique UUID prefixes
+  std::vector<std::string> exclude{};  // never these: NVML indices ("3") or UUIDs / unique UUID prefixes
   Strategy strategy = Strategy::most_free;
-  std::optional<unsigned> max_utilization;  // percent; busier GPUs are passed over
-  std::string device;                // "" (any visible GPU) or a spec: cuda:N, GPU-<uuid>, cuda, auto
+  std::optional<unsigned> max_utilization{};  // percent; busier GPUs are passed over
+  std::string device{};                // "" (any visible GPU) or a spec: cuda:N, GPU-<uuid>, cuda, auto
   bool wait = false;                 // wait (FIFO-fair with every other waiter) until it fits
-  std::optional<std::chrono::milliseconds> timeout;  // with wait: Errc::timeout after this long
-  std::string command;               // shown by `gpuslot leases`; default: this process's command line
+  std::optional<std::chrono::milliseconds> timeout{};  // with wait: Errc::timeout after this long
+  std::string command{};               // shown by `gpuslot leases`; default: this process's command line
   // With wait: called with the reason when the request first has to wait ("no GPU fits now: …").
-  std::function<void(const std::string&)> on_pending;
+  std::function<void(const std::string&)> on_pending{};
   // With wait: polled about every 100 ms; returning true abandons the wait (Errc::timeout,
   // "wait cancelled"). This is how a caller makes a long wait interruptible (Ctrl-C in Python).
-  std::function<bool()> cancelled;
+  std::function<bool()> cancelled{};
 };
 
 // A reservation of GPU memory this process holds. Released by its destructor or release(), and
@@ -130,9 +130,9 @@ Result<GpuLease> acquire_lease(const LeaseRequest& request, Explanation* explana
 // the per-GPU reasons in `explanation`) when none fits.
 struct SelectRequest {
   std::uint64_t memory_bytes = 8 * kGiB;
-  std::vector<std::string> exclude;
+  std::vector<std::string> exclude{};
   Strategy strategy = Strategy::most_free;
-  std::string command;  // default: "select_best_gpu: <this process's command line>"
+  std::string command{};  // default: "select_best_gpu: <this process's command line>"
 };
 struct Selection {
   unsigned cuda_ordinal = 0;
@@ -154,21 +154,22 @@ Result<Selection> select_best_gpu(const SelectRequest& request, Explanation* exp
 // With memory_bytes > 0 a GPU result also reserves that memory for the life of this process
 // (the CLI command, which exits at once, cannot; an in-process caller can and should).
 struct DeviceRequest {
-  std::optional<std::string> spec;           // nullopt: read the variable `env`, else "auto"
+  std::optional<std::string> spec{};           // nullopt: read the variable `env`, else "auto"
   std::string env = "GPUSLOT_DEVICE";
   std::uint64_t memory_bytes = 0;
   Strategy strategy = Strategy::most_free;
-  std::string command;  // default: "resolve_device: <this process's command line>"
-  // Called with each line `gpuslot device` prints on stderr, as it is decided (also when the
-  // call fails: the GPUs' memory lines come before the error). Optional.
-  std::function<void(const std::string&)> on_log;
+  std::string command{};  // default: "resolve_device: <this process's command line>"
+  // Called with each line `gpuslot device` prints on stderr, in its order, as it is decided (also
+  // when the call fails: the GPUs' memory lines come before the error); `warning` marks the lines
+  // the command prints as warnings. Optional.
+  std::function<void(const std::string& line, bool warning)> on_log{};
 };
 struct DeviceResolution {
   std::string device;                    // "cuda:N" or "cpu"
   std::optional<unsigned> nvml_index;    // of the GPU, when device is cuda:N
   std::optional<std::string> uuid;
   std::string lease_id;                  // when memory was reserved
-  std::vector<std::string> log;          // the lines `gpuslot device` prints on stderr
+  std::vector<std::string> log;          // the lines `gpuslot device` prints on stderr (not its warnings)
 };
 Result<DeviceResolution> resolve_device(const DeviceRequest& request, Explanation* explanation = nullptr);
 

@@ -71,26 +71,26 @@ struct WorkerProgram {
   // Once per worker, before its first task: load the model on `device`. A failure that looks like
   // out of memory gives that GPU back and the pool tries again later, another GPU first; any
   // other failure stops the pool (every waiting task is reported failed with that message).
-  std::function<TaskOutcome(const WorkerDevice& device)> init;
+  std::function<TaskOutcome(const WorkerDevice& device)> init{};
   // One task: bytes in, result bytes out (or a failure).
-  std::function<TaskOutcome(std::string_view payload)> work;
+  std::function<TaskOutcome(std::string_view payload)> work{};
   // Called in the worker just before it exits (e.g. to flush buffered output). Optional.
-  std::function<void()> before_exit;
+  std::function<void()> before_exit{};
   // Creates a worker process with the semantics of fork(): 0 in the child, the child's pid in
   // the parent, -1 with errno on failure. Default: ::fork(). An interpreter that must prepare
   // for fork (Python: PyOS_BeforeFork / PyOS_AfterFork_Child) supplies its own.
-  std::function<pid_t()> fork_process;
+  std::function<pid_t()> fork_process{};
 };
 
 struct PoolOptions {
   std::uint64_t memory_bytes = 4 * kGiB;  // reserved on each worker's GPU before it starts
-  std::optional<unsigned> workers;        // how many workers (one per GPU); nullopt: every visible GPU
+  std::optional<unsigned> workers{};        // how many workers (one per GPU); nullopt: every visible GPU
   unsigned retries = 3;                   // requeues of a task after out of memory or worker death
   Strategy strategy = Strategy::most_free;
-  std::vector<std::string> exclude;       // GPUs never to use: NVML indices or UUIDs
+  std::vector<std::string> exclude{};       // GPUs never to use: NVML indices or UUIDs
   bool wait = true;                       // wait for room when no worker can start (else nothing_fits)
-  std::optional<std::chrono::milliseconds> wait_timeout;  // Errc::timeout after waiting this long
-  std::string command;                    // shown by `gpuslot leases`; default: "WorkerPool: <command line>"
+  std::optional<std::chrono::milliseconds> wait_timeout{};  // Errc::timeout after waiting this long
+  std::string command{};                    // shown by `gpuslot leases`; default: "WorkerPool: <command line>"
 };
 
 struct TaskResult {

@@ -201,14 +201,15 @@ def resolve_device(spec=None, env="GPUSLOT_DEVICE", min_free_memory_gb=None, str
     try:
         answer = _gpuslot.resolve_device(spec, env, memory, _strategy(strategy), "")
     except GpuslotError as error:
-        for line in getattr(error, "log", ()):
-            log.info("%s", line)
+        _log_lines(getattr(error, "log", ()))
         raise
-    for line in answer["log"]:
-        log.info("%s", line)
-    for line in answer["warnings"]:
-        log.warning("%s", line)
+    _log_lines(answer["log"])
     return answer["device"]
+
+
+def _log_lines(lines):
+    for warning, line in lines:
+        log.log(logging.WARNING if warning else logging.INFO, "%s", line)
 
 
 def lease(mem="8G", gpus=1, wait=True, timeout=None, *, strategy="most-free", device=None, max_utilization=None):

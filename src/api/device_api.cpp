@@ -14,10 +14,15 @@ namespace gpuslot {
 
 Result<DeviceResolution> resolve_device(const DeviceRequest& request, Explanation* explanation) {
   try {
+    if (explanation != nullptr) *explanation = {};
     DeviceResolution resolution;
     auto say = [&resolution, &request](std::string line) {
-      if (request.on_log) request.on_log(line);
+      if (request.on_log) request.on_log(line, false);
       resolution.log.push_back(std::move(line));
+    };
+    auto warn = [&request, explanation](const std::string& line) {
+      if (request.on_log) request.on_log(line, true);
+      if (explanation != nullptr) explanation->warnings.push_back(line);
     };
     auto cpu = [&resolution, &say](std::string why) {
       say(std::move(why));
@@ -58,14 +63,22 @@ Result<DeviceResolution> resolve_device(const DeviceRequest& request, Explanatio
     }
     const Snapshot& snapshot = *snapshot_result;
     const Visibility visibility = current_visibility(snapshot);
-    if (spec.kind == DeviceSpec::Kind::automatic && visibility.visible.empty()) {
-      say(snapshot.gpus.empty() ? "no NVIDIA GPU on this host" : "no GPU is visible to this process (CUDA_VISIBLE_DEVICES)");
+    if (visibility.slurm && visibility.slurm->note) warn(*visibility.slurm->note);
+    // Inside a Slurm job a visible GPU the job was not granted is no more usable than a hidden one.
+    const std::vector<unsigned> usable = visibility.candidates();
+    const std::string not_granted =
+        !visibility.visible.empty() && visibility.slurm ? visibility.slurm->label() + " was granted none" : "";
+    if (spec.kind == DeviceSpec::Kind::automatic && usable.empty()) {
+      say(snapshot.gpus.empty()   ? "no NVIDIA GPU on this host"
+          : !not_granted.empty() ? "no GPU for this process: " + not_granted
+                                 : "no GPU is visible to this process (CUDA_VISIBLE_DEVICES)");
       return cpu("auto: using cpu");
     }
-    if (visibility.visible.empty()) {
+    if (usable.empty()) {
       return make_error(Errc::nvml_unavailable, "device " + spec_text + " needs a GPU, but " +
-                                                    (snapshot.gpus.empty() ? std::string("this host has none")
-                                                                           : "CUDA_VISIBLE_DEVICES hides every GPU"));
+                                                    (snapshot.gpus.empty()   ? std::string("this host has none")
+                                                     : !not_granted.empty() ? not_granted
+                                                                            : "CUDA_VISIBLE_DEVICES hides every GPU"));
     }
     if (visibility.ambiguity) return make_error(Errc::bad_input, *visibility.ambiguity);
 
@@ -73,7 +86,7 @@ Result<DeviceResolution> resolve_device(const DeviceRequest& request, Explanatio
         spec.kind == DeviceSpec::Kind::cuda_ordinal || spec.kind == DeviceSpec::Kind::uuid ? spec_text : std::string();
     auto candidates = api::restrict_to_device(restriction, snapshot, visibility);
     if (!candidates) return std::move(candidates).error();
-    for (unsigned index : visibility.visible) say(cli::memory_line(snapshot.gpus[index]));
+    for (unsigned index : usable) say(cli::memory_line(snapshot.gpus[index]));
 
     Requirements requirements;
     requirements.memory_bytes = request.memory_bytes;
@@ -108,13 +121,19 @@ Result<DeviceResolution> resolve_device(const DeviceRequest& request, Explanatio
       if (!decided) return std::move(decided).error();
       decision = std::move(*decided);
     }
-    api::explain(decision, snapshot, visibility, warnings, explanation);
+    for (const auto& line : warnings) warn(line);
+    for (const auto& line : decision.warnings) warn(line);
+    if (explanation != nullptr) {
+      std::vector<std::string> said = std::move(explanation->warnings);
+      api::explain(decision, snapshot, visibility, {}, explanation);
+      explanation->warnings = std::move(said);
+    }
     if (!decision.fits()) {
       // As the command prints them: the candidates' verdicts only.
       std::vector<std::string> verdicts;
-      for (unsigned index : candidates->visible) {
+      for (unsigned index : candidates->candidates()) {
         verdicts.push_back(cli::verdict_line(snapshot.gpus[index], decision.verdicts[index], visibility));
-        if (request.on_log) request.on_log(verdicts.back());
+        if (request.on_log) request.on_log(verdicts.back(), false);
       }
       if (explanation != nullptr) explanation->gpu_lines = std::move(verdicts);
       return make_error(Errc::nothing_fits, decision.summary);

@@ -263,9 +263,11 @@ Result<Selection> select_best_gpu(const SelectRequest& request, Explanation* exp
       }
       lease.exclude.push_back(snapshot->gpus[visibility.visible[ordinal]].uuid);
     }
-    if (visibility.visible.empty()) {
-      return make_error(Errc::nothing_fits, snapshot->gpus.empty() ? std::string("no NVIDIA GPU on this host")
-                                                                   : "no GPU is visible to this process (CUDA_VISIBLE_DEVICES)");
+    if (visibility.candidates().empty()) {
+      return make_error(Errc::nothing_fits, snapshot->gpus.empty()        ? std::string("no NVIDIA GPU on this host")
+                                            : visibility.visible.empty() ? "no GPU is visible to this process (CUDA_VISIBLE_DEVICES)"
+                                            : visibility.slurm           ? visibility.slurm->label() + " was granted no GPU"
+                                                                         : "no GPU is usable");
     }
     auto taken = acquire_lease(lease, explanation);
     if (!taken) return std::move(taken).error();

@@ -69,7 +69,11 @@ Result<Visibility> restrict_to_device(const std::string& spec_text, const Snapsh
   auto parsed = parse_device_spec(spec_text);
   if (!parsed) return std::move(parsed).error();
   const DeviceSpec spec = *parsed;
-  auto only = [&visibility, &spec_text](unsigned index) {
+  auto only = [&visibility, &spec_text](unsigned index) -> Result<Visibility> {
+    if (visibility.slurm && !visibility.is_candidate(index)) {
+      return make_error(Errc::bad_input, "device " + spec_text + " is GPU " + std::to_string(index) + ", which " +
+                                             visibility.slurm->label() + " was not granted");
+    }
     visibility.visible = {index};
     visibility.restricted = true;
     visibility.restricted_by = "device " + spec_text;
@@ -85,8 +89,9 @@ Result<Visibility> restrict_to_device(const std::string& spec_text, const Snapsh
       if (spec.ordinal >= visibility.visible.size()) {
         const std::size_t count = visibility.visible.size();
         return make_error(Errc::bad_input, "device cuda:" + std::to_string(spec.ordinal) + " does not exist: " +
-                                               std::to_string(count) + " GPU" + (count == 1 ? " is" : "s are") +
-                                               " visible (cuda:0 to cuda:" + std::to_string(count == 0 ? 0 : count - 1) + ")");
+                                               std::to_string(count) + " GPU" + (count == 1 ? " is" : "s are") + " visible" +
+                                               (visibility.slurm ? " in " + visibility.slurm->label() : "") +
+                                               " (cuda:0 to cuda:" + std::to_string(count == 0 ? 0 : count - 1) + ")");
       }
       return only(visibility.visible[spec.ordinal]);
     case DeviceSpec::Kind::uuid: {

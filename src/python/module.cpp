@@ -37,7 +37,7 @@ using namespace std::chrono_literals;
 // Raises the gpuslot exception for `error` (gpuslot.errors.from_error builds it); `log`, when
 // given, becomes its `log` attribute (lines said before the failure).
 [[noreturn]] void raise_error(const gpuslot::Error& error, const gpuslot::Explanation* explanation = nullptr,
-                              const std::vector<std::string>* log = nullptr) {
+                              py::object log = py::none()) {
   py::module_ errors = py::module_::import("gpuslot.errors");
   py::list reasons;
   py::list warnings;
@@ -46,11 +46,7 @@ using namespace std::chrono_literals;
     for (const auto& line : explanation->warnings) warnings.append(line);
   }
   py::object exception = errors.attr("from_error")(gpuslot::errc_name(error.code), error.message, reasons, warnings);
-  if (log != nullptr) {
-    py::list lines;
-    for (const auto& line : *log) lines.append(line);
-    exception.attr("log") = lines;
-  }
+  if (!log.is_none()) exception.attr("log") = log;
   PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exception.ptr())), exception.ptr());
   throw py::error_already_set();
 }
@@ -381,20 +377,22 @@ PYBIND11_MODULE(_gpuslot, m) {
     request.memory_bytes = memory_bytes;
     request.strategy = strategy_of(strategy);
     request.command = command;
-    std::vector<std::string> said;  // every line, also those before an error
-    request.on_log = [&said](const std::string& line) { said.push_back(line); };
+    std::vector<std::pair<bool, std::string>> said;  // every line in order, also those before an error
+    request.on_log = [&said](const std::string& line, bool warning) { said.emplace_back(warning, line); };
     gpuslot::Explanation explanation;
     gpuslot::Result<gpuslot::DeviceResolution> resolution = gpuslot::make_error(gpuslot::Errc::internal, "not run");
     {
       py::gil_scoped_release released;
       resolution = gpuslot::resolve_device(request, &explanation);
     }
-    // The lines said before a failure go with the exception (its `log`), for the package to log.
-    if (!resolution) raise_error(resolution.error(), &explanation, &said);
+    // The lines said go with the answer, or with the exception (its `log`): the package logs them.
+    py::list lines;
+    for (const auto& [warning, line] : said) lines.append(py::make_tuple(warning, line));
+    if (!resolution) raise_error(resolution.error(), &explanation, lines);
     const gpuslot::DeviceResolution resolved = std::move(resolution).value();
     py::dict out = explanation_dict(explanation);
     out["device"] = resolved.device;
-    out["log"] = to_list(resolved.log);
+    out["log"] = lines;
     out["nvml_index"] = resolved.nvml_index ? py::object(py::int_(*resolved.nvml_index)) : py::object(py::none());
     out["uuid"] = resolved.uuid ? py::object(py::str(*resolved.uuid)) : py::object(py::none());
     out["lease_id"] = resolved.lease_id;

@@ -55,6 +55,15 @@ CASES = {
     "uuid_hidden": ("4x24g", "GPU-e95d", None, None, {"CUDA_VISIBLE_DEVICES": "1"}),
     "mixed_ambiguous": ("mixed", "auto", None, None, {}),
     "mixed_pci_bus_id": ("mixed", "auto", None, 4, {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}),
+    # Inside a Slurm job only the granted GPUs are candidates (the visibility layer reads the grant).
+    "slurm_granted": ("4x24g", "auto", None, 8,
+                      {"SLURM_JOB_ID": "12", "SLURM_JOB_GPUS": "1,2", "CUDA_VISIBLE_DEVICES": "1,2"}),
+    "slurm_granted_none": ("4x24g", "auto", None, None, {"SLURM_JOB_ID": "12"}),
+    "slurm_cuda_needs_a_grant": ("4x24g", "cuda", None, None, {"SLURM_JOB_ID": "12"}),
+    "slurm_not_granted": ("4x24g", "cuda:0", None, None,
+                          {"SLURM_JOB_ID": "12", "SLURM_JOB_GPUS": "1,2", "CUDA_VISIBLE_DEVICES": "0,1,2"}),
+    "slurm_unreadable_grant": ("4x24g", "auto", None, None,
+                               {"SLURM_JOB_ID": "12", "SLURM_JOB_GPUS": "x", "CUDA_VISIBLE_DEVICES": "2"}),
 }
 
 
