@@ -142,7 +142,8 @@ Result<CommandOutput> run_command(const std::vector<std::string>& argv, std::chr
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  if (WIFSIGNALED(status)) result.signal = WTERMSIG(status);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + result.signal.value_or(0);
   return result;
 }
 
@@ -242,7 +243,7 @@ std::optional<std::string> parse_sbatch_id(std::string_view out) {
 }
 
 SbatchRefusal classify_sbatch_failure(const CommandOutput& result) {
-  if (result.timed_out || result.exit_code >= 128) return SbatchRefusal::uncertain;
+  if (result.timed_out || result.signal) return SbatchRefusal::uncertain;
   const std::string& err = result.err;
   // The controller answered that nothing can ever run this job.
   for (const char* never : {"Requested node configuration is not available", "Invalid generic resource",

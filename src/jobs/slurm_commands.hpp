@@ -22,7 +22,8 @@ namespace gpuslot::jobs_internal {
 // --- running a command ----------------------------------------------------------------------------
 
 struct CommandOutput {
-  int exit_code = 0;     // 128+N when killed by signal N
+  int exit_code = 0;          // 128+N when killed by signal N
+  std::optional<int> signal;  // it was killed by this signal (also after a time-out)
   bool timed_out = false;
   std::string out, err;
 };
