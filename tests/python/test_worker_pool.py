@@ -74,11 +74,14 @@ def kill_one_busy_worker():
     log = os.environ["ATTEMPTS"]
     while sum(1 for _ in open(log)) < 60 if os.path.exists(log) else True:
         time.sleep(0.01)
-    for worker in pool.workers():
-        if worker["state"] == "busy" and worker["worker"] == 2:
-            killed.update(worker)
-            os.kill(worker["pid"], signal.SIGKILL)
-            return
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for worker in pool.workers():
+            if worker["state"] == "busy" and worker["pid"] > 0:
+                killed.update(worker)
+                os.kill(worker["pid"], signal.SIGKILL)
+                return
+        time.sleep(0.002)
 
 killer = threading.Thread(target=kill_one_busy_worker)
 killer.start()
@@ -112,10 +115,10 @@ print(json.dumps({"results": results, "killed": killed, "after": after}))
     # The killed worker's task was run again by another worker, and the worker was replaced on
     # the same GPU by a new process.
     killed = report["killed"]
-    assert killed, "no busy worker 2 to kill"
+    assert killed, "no busy worker to kill"
     cut_short = [item for item, pid, _ in attempts if pid == killed["pid"]][-1]
     assert any(pid != killed["pid"] for pid, _ in by_item[cut_short])
-    replacement = [worker for worker in report["after"] if worker["worker"] == 2][0]
+    replacement = [worker for worker in report["after"] if worker["worker"] == killed["worker"]][0]
     assert replacement["device"] == killed["device"] and replacement["pid"] != killed["pid"]
     assert elapsed < 60
 
@@ -187,22 +190,25 @@ print(json.dumps({"devices": devices, "leases": [(l["gpus"], l["reserved"], l["c
     assert json.loads(gpuslot("leases", "--json", host=host_path, check=0).stdout)["leases"] == []
 
 
-def test_the_pool_waits_for_room_when_no_worker_can_start(python_spawn, python_run, host, tmp_path):
+def test_the_pool_waits_for_room_when_no_worker_can_start(python_spawn, python_run, host, state_dir, tmp_path):
     host_path = host("1x4090")
     holder = python_spawn("""
-        import time, gpuslot
+        import glob, os, time, gpuslot
         held = gpuslot.lease(mem="20G")
         print("holding", flush=True)
-        time.sleep(1.5)
+        # Released once the pool has queued for room (its wait ticket is in the state directory).
+        while not glob.glob(os.path.join(os.environ["GPUSLOT_STATE_DIR"], "wait-*")):
+            time.sleep(0.01)
+        time.sleep(0.2)
         held.release()
+        print("released", flush=True)
         time.sleep(60)
     """, host_path)
     wait_until(lambda: "holding" in holder.stdout_text(), what="the holder")
     script = _PROGRAM + r"""
-started = time.monotonic()
 with gpuslot.WorkerPool(init, work, mem="8G") as pool:
     values = [r[0] for r in pool.map(range(5))]
-print(values, time.monotonic() - started > 0.8)
+print(values, os.path.exists(os.environ["ATTEMPTS"]))
 try:
     blocker = gpuslot.lease(mem="20G")
     with gpuslot.WorkerPool(init, work, mem="8G", timeout=0.5) as pool:
@@ -217,6 +223,7 @@ except gpuslot.NoGpuAvailable as error:
 """
     out = python_run(script, host=host_path, env=_env(tmp_path)).stdout.splitlines()
     assert out[0] == "[0, 1, 4, 9, 16] True"
+    assert "released" in holder.stdout_text()
     assert out[1].startswith("Timeout timed out waiting for room")
     assert out[2].startswith("NoGpuAvailable no GPU fits now") and out[2].endswith("(the pool was told not to wait)")
 
@@ -310,19 +317,22 @@ def test_workers_use_the_gpu_memory_their_lease_reserved(python_run, host, gpusl
     # shows it, and the ledger credits it to the pool's lease instead of counting it twice.
     host_path = host("4x24g")
     out = python_run(r"""
-import json, os, subprocess, gpuslot
+import json, os, subprocess, time, gpuslot
 jobs = []
 def init(device):
     index = device.split(":")[1]   # no CUDA_VISIBLE_DEVICES here: cuda:N is NVML index N
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=index, CUDA_DEVICE_ORDER="PCI_BUS_ID")
-    jobs.append(subprocess.Popen([os.environ["FAKE_GPU_JOB"], "--mem", "5G", "--seconds", "10"], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    job = subprocess.Popen([os.environ["FAKE_GPU_JOB"], "--mem", "5G", "--seconds", "20"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert "holding" in job.stdout.readline()   # the model is loaded: its memory shows in NVML
+    job.stdout.close()
+    jobs.append(job)
 def work(item):
-    import time
-    time.sleep(0.3)
     return item
 with gpuslot.WorkerPool(init, work, mem="6G", gpus=2) as pool:
     pool.map(range(2))
+    while [w["state"] for w in pool.workers()] != ["idle", "idle"]:   # both models loaded
+        time.sleep(0.01)
     status = gpuslot.status()
 print(json.dumps([(g["index"], g["memory"]["reserved"], [l["in_use"] for l in g["leases"]]) for g in status["gpus"]]))
 """, host=host_path, env={"FAKE_GPU_JOB": fake_gpu_job}).stdout
