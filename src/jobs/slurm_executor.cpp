@@ -75,6 +75,16 @@ std::string first_line(const std::string& text) {
   return line;
 }
 
+// sbatch's first line of complaint, without its "sbatch: error: " and "Batch job submission
+// failed: " prefixes.
+std::string sbatch_message(const CommandOutput& result) {
+  std::string line = first_line(result.err.empty() ? result.out : result.err);
+  for (const char* prefix : {"sbatch: error: ", "sbatch: ", "Batch job submission failed: "}) {
+    if (line.rfind(prefix, 0) == 0) line.erase(0, std::strlen(prefix));
+  }
+  return line;
+}
+
 std::string absolute(const std::string& path, const std::string& base) {
   return !path.empty() && path[0] == '/' ? path : base + "/" + path;
 }
@@ -294,6 +304,10 @@ class SlurmBatch {
         const ScriptRecord record = parse_script_record(read_tail(files_of(job).run, 64 * 1024));
         if (!record.slurm_job_id.empty()) found = SlurmJobRow{record.slurm_job_id, name, "", record.node, ""};
       }
+      // Absent twice, a poll interval apart: a controller still busy with the request has
+      // registered it by then.
+      if (!found && ++unconfirmed_misses_[i] < 2) continue;
+      unconfirmed_misses_.erase(i);
       if (!found) {
         requeue_lost(i, "requeued: its submission was not confirmed and Slurm has no job named " + quote_for_message(name));
         continue;
@@ -355,6 +369,8 @@ class SlurmBatch {
     if (slurm_state_is_running(row.state)) {
       if (!was_running) {
         job.slurm_node = row.node;
+        const ScriptRecord record = parse_script_record(read_tail(files_of(job).run, 64 * 1024));
+        if (record.slurm_job_id == job.slurm_job_id) job.gpu_indices = record.gpus;
         if (!job.started_at) job.started_at = unix_now();
         job.reason.clear();
         touch(index, BatchEvent::Kind::started, "on node " + row.node + " (Slurm job " + job.slurm_job_id + ")");
@@ -578,6 +594,7 @@ class SlurmBatch {
     ::unlink(files.run.c_str());  // left by an attempt of this number that was never submitted
     job.state = JobState::running;
     job.slurm_job_id.clear();
+    job.gpu_indices.clear();  // slurm_node stays: the group's later jobs go there
     job.started_at.reset();
     job.ended_at.reset();
     job.exit_code.reset();
@@ -616,7 +633,7 @@ class SlurmBatch {
         return true;
       }
     }
-    const std::string message = first_line(result.err.empty() ? result.out : result.err);
+    const std::string message = sbatch_message(result);
     switch (result.exit_code == 0 ? SbatchRefusal::uncertain : classify_sbatch_failure(result)) {
       case SbatchRefusal::never_fits:
         fail(index, "Slurm cannot run it: " + message, BatchEvent::Kind::never_fits);
@@ -678,6 +695,7 @@ class SlurmBatch {
   std::string logs_dir_, journal_path_, cwd_, user_, batch_id_;
   double created_at_ = 0;
   std::map<std::size_t, std::string> slurm_state_;  // last state squeue showed, per submitted job
+  std::map<std::size_t, unsigned> unconfirmed_misses_;  // lookups by name that found nothing
   std::set<std::size_t> changed_;
   std::vector<PendingEvent> events_;
   std::size_t finished_ = 0, succeeded_ = 0, failed_ = 0;
