@@ -119,8 +119,9 @@ class WorkerPool:
 
     ``init(device)`` runs once in each worker, on its GPU (``device`` is ``"cuda:N"`` inside this
     process's CUDA_VISIBLE_DEVICES: call ``torch.cuda.set_device(device)`` and load the model);
-    ``work(item)`` runs for each item, in the same worker, and returns its result. Both must be
-    picklable results-wise; ``init`` and ``work`` themselves are not pickled (workers are forked).
+    ``work(item)`` runs for each item, in the same worker, and returns its result. Items and
+    results are pickled; ``init`` and ``work`` are not (workers are forked, so closures and
+    lambdas are fine).
 
     Parameters:
         mem:      memory reserved on each worker's GPU before it starts, e.g. "4G" (a lease in the
