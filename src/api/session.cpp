@@ -14,8 +14,11 @@ namespace {
 
 std::mutex g_nvml_mutex;
 std::shared_ptr<NvmlLibrary>& nvml_slot() {
-  static std::shared_ptr<NvmlLibrary> library;  // kept: NvmlLibrary::open caches only while in use
-  return library;
+  // Kept for the life of the process (NvmlLibrary::open caches only while in use), and never
+  // destroyed: a wait abandoned on a helper thread (lease_api.cpp) may still read GPUs while the
+  // process runs its exit handlers.
+  static auto* library = new std::shared_ptr<NvmlLibrary>();
+  return *library;
 }
 
 // Leases held until exit. Released at exit by the registry's destructor in the owning process
