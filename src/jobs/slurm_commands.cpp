@@ -361,6 +361,60 @@ ScriptRecord parse_script_record(std::string_view run_file) {
   return record;
 }
 
+std::optional<AttemptEnd> slurm_attempt_end(const std::optional<AttemptOutcome>& script,
+                                            const std::optional<SlurmJobRow>& final_row, const SlurmExit& slurm_exit) {
+  AttemptEnd end;
+  if (script) {
+    end.exit_code = script->exit_code;
+    end.signal = script->signal;
+    end.how = script->error;
+    return end;
+  }
+  if (!final_row) return std::nullopt;
+  if (final_row->state == "COMPLETED") {
+    end.exit_code = 0;
+    return end;
+  }
+  // Not COMPLETED is never a success, even where Slurm says 0:0 (a job cancelled while pending).
+  if (slurm_exit.exit_code != 0) end.exit_code = slurm_exit.exit_code;
+  end.signal = slurm_exit.signal;
+  end.how = "ended by Slurm: " + final_row->state;
+  if (final_row->state == "OUT_OF_MEMORY") {
+    end.how += " (host memory, not GPU memory: ask for more with --sbatch-arg=--mem=SIZE)";
+  } else if (!final_row->reason.empty() && final_row->reason != "None") {
+    end.how += " (" + final_row->reason + ")";
+  }
+  return end;
+}
+
+bool gpuslot_run_found_no_room(std::string_view output) {
+  // The texts of Errc::timeout from Ledger::reserve_waiting (wait_queue.cpp) and of run's
+  // nothing-fits hint (cmd_run.cpp), as cli::run prints them.
+  for (std::string_view marker : {"gpuslot: timed out waiting for room", "(add --wait to wait for room)"}) {
+    if (output.find(marker) != std::string_view::npos) return true;
+  }
+  return false;
+}
+
+std::string first_line(std::string_view text) {
+  const std::size_t start = text.find_first_not_of(" \n\r\t");
+  if (start == std::string_view::npos) return "";
+  const std::size_t end = text.find('\n', start);
+  std::string line(text.substr(start, end == std::string_view::npos ? std::string_view::npos : end - start));
+  for (char& c : line) {
+    if (c == '\r' || c == '\t') c = ' ';
+  }
+  return line;
+}
+
+std::string sbatch_message(const CommandOutput& result) {
+  std::string line = first_line(result.err.empty() ? result.out : result.err);
+  for (const char* prefix : {"sbatch: error: ", "sbatch: ", "Batch job submission failed: "}) {
+    if (line.rfind(prefix, 0) == 0) line.erase(0, std::strlen(prefix));
+  }
+  return line;
+}
+
 std::string slurm_time(double unix_seconds) {
   const std::time_t seconds = std::time_t(unix_seconds);
   std::tm local{};

@@ -16,6 +16,8 @@
 #include <vector>
 
 #include "gpuslot/jobs.hpp"
+#include "jobs/retry_rules.hpp"
+#include "jobs/shepherd.hpp"
 
 namespace gpuslot::jobs_internal {
 
@@ -134,6 +136,25 @@ struct ScriptRecord {
   std::vector<unsigned> gpus;  // SLURM_JOB_GPUS
 };
 ScriptRecord parse_script_record(std::string_view run_file);
+
+// How an attempt ended, from what its script recorded (`script`: the run file's "exit N" /
+// "error N …"), else from Slurm's final state (`final_row`, from squeue or sacct) and ExitCode:
+// COMPLETED is exit 0; any other final state is a failure described as "ended by Slurm: STATE"
+// (OUT_OF_MEMORY named as host memory). nullopt when neither says anything: the attempt left no
+// result. Output and tail are left to the caller (read_attempt_output).
+std::optional<AttemptEnd> slurm_attempt_end(const std::optional<AttemptOutcome>& script,
+                                            const std::optional<SlurmJobRow>& final_row, const SlurmExit& slurm_exit);
+
+// True when `output` holds what `gpuslot run` prints when the GPUs it was given lack room for its
+// --mem (after --wait T, or at once without --wait): for a Slurm job, an out-of-memory failure.
+bool gpuslot_run_found_no_room(std::string_view output);
+
+// The first non-blank line of `text`, tabs and CRs as spaces.
+std::string first_line(std::string_view text);
+
+// sbatch's first line of complaint without its "sbatch: error: " and "Batch job submission
+// failed: " prefixes.
+std::string sbatch_message(const CommandOutput& result);
 
 // "YYYY-MM-DDTHH:MM:SS" in local time, as sacct's --starttime takes it.
 std::string slurm_time(double unix_seconds);

@@ -59,32 +59,6 @@ namespace {
 constexpr auto kCommandTimeout = std::chrono::seconds(120);  // Slurm's clients retry for ~60 s themselves
 constexpr auto kMaxSubmitBackoff = std::chrono::minutes(5);
 
-// What `gpuslot run` prints when the GPUs Slurm gave lack room for the job's --mem (after
-// --wait T, or at once without it; see wait_queue.cpp and cmd_run.cpp): an out-of-memory failure
-// for the retry rules, since the job would run out of memory there.
-constexpr std::string_view kNoRoomMarkers[] = {"gpuslot: timed out waiting for room", "(add --wait to wait for room)"};
-
-std::string first_line(const std::string& text) {
-  std::size_t start = text.find_first_not_of(" \n\r\t");
-  if (start == std::string::npos) return "";
-  const std::size_t end = text.find('\n', start);
-  std::string line = text.substr(start, end == std::string::npos ? std::string::npos : end - start);
-  for (char& c : line) {
-    if (c == '\r' || c == '\t') c = ' ';
-  }
-  return line;
-}
-
-// sbatch's first line of complaint, without its "sbatch: error: " and "Batch job submission
-// failed: " prefixes.
-std::string sbatch_message(const CommandOutput& result) {
-  std::string line = first_line(result.err.empty() ? result.out : result.err);
-  for (const char* prefix : {"sbatch: error: ", "sbatch: ", "Batch job submission failed: "}) {
-    if (line.rfind(prefix, 0) == 0) line.erase(0, std::strlen(prefix));
-  }
-  return line;
-}
-
 std::string absolute(const std::string& path, const std::string& base) {
   return !path.empty() && path[0] == '/' ? path : base + "/" + path;
 }
@@ -415,35 +389,22 @@ class SlurmBatch {
     } else if (row && !row->node.empty()) {
       job.slurm_node = row->node;
     }
-    AttemptEnd end;
-    if (outcome) {
-      end.exit_code = outcome->exit_code;
-      end.signal = outcome->signal;
-      end.how = outcome->error;
-    } else if (row && row->state == "COMPLETED") {
-      end.exit_code = 0;
-    } else if (row) {
-      if (!slurm_exit.exit_code && !slurm_exit.signal) {
-        const auto shown = parse_scontrol_fields(slurm({"scontrol", "show", "job", "-o", id}).out);
-        if (auto it = shown.find("ExitCode"); it != shown.end()) slurm_exit = parse_slurm_exit_code(it->second);
-      }
-      end.exit_code = slurm_exit.exit_code;
-      end.signal = slurm_exit.signal;
-      end.how = "ended by Slurm: " + row->state;
-      if (row->state == "OUT_OF_MEMORY") end.how += " (host memory, not GPU memory: ask for more with --sbatch-arg=--mem=SIZE)";
-      else if (!row->reason.empty() && row->reason != "None") end.how += " (" + row->reason + ")";
-    } else {
+    if (row && !outcome && row->state != "COMPLETED" && !slurm_exit.exit_code && !slurm_exit.signal) {
+      const auto shown = parse_scontrol_fields(slurm({"scontrol", "show", "job", "-o", id}).out);
+      if (auto it = shown.find("ExitCode"); it != shown.end()) slurm_exit = parse_slurm_exit_code(it->second);
+    }
+    auto ended = slurm_attempt_end(outcome, row, slurm_exit);
+    if (!ended) {
       requeue_lost(index, "requeued: Slurm job " + id + " is gone and left no result (" +
                               (record_is_ours ? "it started but did not finish" : "it never started") + ")");
       return;
     }
+    AttemptEnd& end = *ended;
     if (end.exit_code != 0 || end.signal || !end.how.empty()) {
       read_attempt_output(end, files.out, files.err);
-      for (auto marker : kNoRoomMarkers) {
-        if (end.output.find(marker) != std::string::npos) {
-          end.out_of_memory = true;
-          end.how = "the GPU Slurm gave had no room for " + format_size(job.spec.memory_bytes);
-        }
+      if (gpuslot_run_found_no_room(end.output)) {
+        end.out_of_memory = true;
+        end.how = "the GPU Slurm gave had no room for " + format_size(job.spec.memory_bytes);
       }
     }
     const std::string where = "in Slurm job " + id + (job.slurm_node.empty() ? "" : " on " + job.slurm_node);

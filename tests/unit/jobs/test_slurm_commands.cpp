@@ -134,6 +134,54 @@ TEST(SlurmParse, SbatchFailures) {
   EXPECT_EQ(failure("", 137, true), SbatchRefusal::uncertain);
 }
 
+TEST(SlurmParse, SbatchMessageWithoutPrefixes) {
+  CommandOutput output;
+  output.err = "\nsbatch: error: invalid partition specified: nope\nsbatch: error: Batch job submission failed: x\n";
+  EXPECT_EQ(sbatch_message(output), "invalid partition specified: nope");
+  output.err = "sbatch: error: Batch job submission failed: Requested node configuration is not available\n";
+  EXPECT_EQ(sbatch_message(output), "Requested node configuration is not available");
+  output.err = "sbatch: unrecognized option '--bogus'\nTry \"sbatch --help\"\n";
+  EXPECT_EQ(sbatch_message(output), "unrecognized option '--bogus'");
+}
+
+TEST(SlurmOutcome, TheScriptsRecordFirstThenSlurmsState) {
+  SlurmJobRow failed{"5", "a.1.gpuslot-x", "FAILED", "n1", "NonZeroExitCode"};
+  // What the script recorded wins: it is the command's own status.
+  AttemptOutcome script;
+  script.exit_code = 4;
+  auto end = slurm_attempt_end(script, failed, SlurmExit{});
+  ASSERT_TRUE(end);
+  EXPECT_EQ(end->exit_code, 4);
+  EXPECT_TRUE(end->how.empty());
+  // Without it, Slurm's state and ExitCode.
+  end = slurm_attempt_end(std::nullopt, SlurmJobRow{"5", "x", "COMPLETED", "n1", "None"}, SlurmExit{});
+  ASSERT_TRUE(end);
+  EXPECT_EQ(end->exit_code, 0);
+  end = slurm_attempt_end(std::nullopt, SlurmJobRow{"5", "x", "TIMEOUT", "n1", "TimeLimit"}, parse_slurm_exit_code("0:15"));
+  ASSERT_TRUE(end);
+  EXPECT_EQ(end->signal, 15);
+  EXPECT_EQ(end->how, "ended by Slurm: TIMEOUT (TimeLimit)");
+  end = slurm_attempt_end(std::nullopt, SlurmJobRow{"5", "x", "OUT_OF_MEMORY", "n1", "None"}, parse_slurm_exit_code("0:9"));
+  ASSERT_TRUE(end);
+  EXPECT_NE(end->how.find("host memory, not GPU memory"), std::string::npos);
+  // A job cancelled while pending never ran: no exit status, so never a success.
+  end = slurm_attempt_end(std::nullopt, SlurmJobRow{"5", "x", "CANCELLED", "", "None"}, parse_slurm_exit_code("0:0"));
+  ASSERT_TRUE(end);
+  EXPECT_EQ(end->how, "ended by Slurm: CANCELLED");
+  EXPECT_FALSE(end->exit_code);
+  JobStatus job;
+  EXPECT_EQ(settle_attempt(job, *end, BatchOptions{}, "", ""), BatchEvent::Kind::failed);
+  EXPECT_EQ(job.reason, "failed (ended by Slurm: CANCELLED)");
+  // Nothing anywhere: no result.
+  EXPECT_FALSE(slurm_attempt_end(std::nullopt, std::nullopt, SlurmExit{}));
+}
+
+TEST(SlurmOutcome, NoRoomOnTheGrantedGpuIsRecognised) {
+  EXPECT_TRUE(gpuslot_run_found_no_room("gpuslot: timed out waiting for room: GPU 0: 0.56 GiB available, 8 GiB asked\n"));
+  EXPECT_TRUE(gpuslot_run_found_no_room("gpuslot: no GPU has 8 GiB available now (add --wait to wait for room)\n"));
+  EXPECT_FALSE(gpuslot_run_found_no_room("Traceback: ValueError\n"));
+}
+
 TEST(SlurmNames, JobNameQuotingAndFileNames) {
   EXPECT_EQ(slurm_job_name("0badf00d", "chunk-1", 2), "chunk-1.2.gpuslot-0badf00d");
   EXPECT_EQ(shell_quote("it's $HOME"), "'it'\\''s $HOME'");
