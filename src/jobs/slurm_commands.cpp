@@ -381,7 +381,8 @@ std::optional<AttemptEnd> slurm_attempt_end(const std::optional<AttemptOutcome>&
   end.how = "ended by Slurm: " + final_row->state;
   if (final_row->state == "OUT_OF_MEMORY") {
     end.how += " (host memory, not GPU memory: ask for more with --sbatch-arg=--mem=SIZE)";
-  } else if (!final_row->reason.empty() && final_row->reason != "None") {
+  } else if (!final_row->reason.empty() && final_row->reason != "None" && final_row->state != "CANCELLED") {
+    // (A cancelled job keeps the reason it last pended for, which would read as the cause.)
     end.how += " (" + final_row->reason + ")";
   }
   return end;

@@ -8,7 +8,8 @@ a dependency chain; a group pinned to its first job's node; a dependency that fa
 its dependant cancelled; no room on the GPU Slurm gave counted as out of memory; kill -9 of the
 scheduler right after sbatch answered and while sbatch is still running, then --resume, with every
 attempt submitted exactly once and every job run exactly once; Ctrl-C leaving submitted jobs to
-Slurm; bad options and a missing sbatch as one-line errors.
+Slurm (and a job the user then cancels counting as failed); bad options and a missing sbatch as
+one-line errors.
 
 The cluster has no accounting (AccountingStorageType=accounting_storage/none) and MinJobAge=300,
 so every job of the session stays listed by `squeue --states=all`: that is how submissions are
@@ -247,12 +248,16 @@ def test_ctrl_c_leaves_submitted_jobs_to_slurm_and_resume_adopts_them(slurm_clus
     states = {scontrol(slurm_cluster, job_id)["JobState"] for job_id in ids}
     assert states <= {"PENDING", "RUNNING", "COMPLETING", "COMPLETED"}, states
 
-    resumed = batch(gpuslot_path, env, jobs, "--executor", "slurm", "--resume", "--poll-interval", POLL, check=0)
+    # The user cancels one (still pending behind s0) themselves: for gpuslot, a failed job.
+    slurm_cluster.run("scancel", ids[3])
+
+    resumed = batch(gpuslot_path, env, jobs, "--executor", "slurm", "--resume", "--poll-interval", POLL, check=1)
     assert resumed.stderr.count("] adopted ") == 4
     assert "] submitted " not in resumed.stderr
     after = status(gpuslot_path, env, journal)
     assert [job["slurm_job_id"] for job in after.values()] == ids
-    assert all(job["state"] == "succeeded" for job in after.values())
+    assert [after["s%d" % i]["state"] for i in range(3)] == ["succeeded"] * 3
+    assert after["after"]["state"] == "failed" and after["after"]["reason"] == "failed (ended by Slurm: CANCELLED)"
     assert all(len(found) == 1 for found in slurm_jobs(slurm_cluster, journal).values())
 
 

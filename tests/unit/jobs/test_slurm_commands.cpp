@@ -165,7 +165,7 @@ TEST(SlurmOutcome, TheScriptsRecordFirstThenSlurmsState) {
   ASSERT_TRUE(end);
   EXPECT_NE(end->how.find("host memory, not GPU memory"), std::string::npos);
   // A job cancelled while pending never ran: no exit status, so never a success.
-  end = slurm_attempt_end(std::nullopt, SlurmJobRow{"5", "x", "CANCELLED", "", "None"}, parse_slurm_exit_code("0:0"));
+  end = slurm_attempt_end(std::nullopt, SlurmJobRow{"5", "x", "CANCELLED", "", "Dependency"}, parse_slurm_exit_code("0:0"));
   ASSERT_TRUE(end);
   EXPECT_EQ(end->how, "ended by Slurm: CANCELLED");
   EXPECT_FALSE(end->exit_code);
