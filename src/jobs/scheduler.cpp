@@ -361,7 +361,7 @@ class Scheduler {
       unsigned others = 0;
       for (const auto& gpu : snapshot.gpus) {
         const bool avoided = std::find(job.avoid_uuids.begin(), job.avoid_uuids.end(), gpu.uuid) != job.avoid_uuids.end();
-        if (!avoided && gpu.healthy && visibility_.is_visible(gpu.nvml_index) &&
+        if (!avoided && gpu.healthy && visibility_.is_candidate(gpu.nvml_index) &&
             gpu.memory_total_bytes.value_or(0) >= job.spec.memory_bytes) {
           ++others;
         }
@@ -385,7 +385,7 @@ class Scheduler {
       const bool excluded = std::find(requirements.exclude.begin(), requirements.exclude.end(), index) != requirements.exclude.end() ||
                             std::find(requirements.exclude.begin(), requirements.exclude.end(), gpu.uuid) != requirements.exclude.end();
       auto outstanding = reserved.find(gpu.nvml_index);
-      if (!excluded && gpu.healthy && visibility_.is_visible(gpu.nvml_index) && gpu.processes.empty() &&
+      if (!excluded && gpu.healthy && visibility_.is_candidate(gpu.nvml_index) && gpu.processes.empty() &&
           (outstanding == reserved.end() || outstanding->second == 0) && gpu.memory_free_bytes &&
           *gpu.memory_free_bytes >= requirements.memory_bytes) {
         empty.push_back(gpu.nvml_index);
