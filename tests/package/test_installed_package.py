@@ -117,8 +117,10 @@ def test_find_package_consumer_runs_the_worker_pool(examples_built, fake_gpus):
     lines = out.stdout.splitlines()
     assert [line.split(" ")[0] for line in lines] == ["chunk-%d" % k for k in range(40)]
     assert "(after a retry)" in lines[7]
-    assert len({line.split(" on ")[1].split(" ")[0] for line in lines}) == 4
+    # One worker per GPU, each loading its model once. Which workers end up taking the 40 short
+    # tasks depends on how fast each starts (a loaded machine may let two of them take all).
     assert out.stderr.count("model loaded on") == 4
+    assert {line.split(" on ")[1].split(" ")[0] for line in lines} <= {"cuda:0", "cuda:1", "cuda:2", "cuda:3"}
 
 
 def test_pkg_config_consumer(prefix, fake_gpus, tmp_path):
