@@ -143,6 +143,19 @@ Result<DeviceSpec> parse_device_spec(std::string_view text);
 // several match ("'GPU-8' matches 3 GPUs (GPU 0, GPU 4, GPU 6); give more of the UUID").
 Result<unsigned> nvml_index_of_uuid_prefix(const Snapshot& snapshot, std::string_view prefix);
 
+// `visibility` narrowed to the one GPU a device setting names, for callers that let a user pin
+// their choice: `cuda:N` (an ordinal of `visibility`) or `GPU-<uuid>` (a visible GPU); "", `auto`
+// and `cuda` leave it as it is. `setting` names the setting in `restricted_by` (so a passed-over
+// GPU reads "outside --device cuda:1") and in the refusal of `cpu` ("--device cpu asks for no
+// GPU"); the command line passes "--device", the library "device". Errc::bad_input when the spec
+// is invalid or `cpu`, the ordinal does not exist, the GPU is hidden or not granted to the Slurm
+// job, or ordinals are ambiguous. A restricted, ambiguous visibility is refused even for "":
+// which GPUs an integer CUDA_VISIBLE_DEVICES names on a mixed host is CUDA's guess, and handing
+// one out might give a child a GPU outside its parent's set. The one implementation behind
+// `pick`/`run --device`, `gpuslot device` and the library's device arguments.
+Result<Visibility> restrict_to_device(std::string_view spec_text, const Snapshot& snapshot, Visibility visibility,
+                                      std::string_view setting = "device");
+
 // The variables a child needs to see exactly `nvml_indices`, in that order (the first is the
 // child's cuda:0). The one place a child's GPU environment is built; `run`, `batch` and the
 // bindings all use it. Sets, in this order:

@@ -48,7 +48,7 @@ struct WaitState {
 // The visibility a lease request may choose from; an error is kept aside (the ledger's callback
 // returns a plain Visibility) and an empty visibility returned, so nothing is chosen.
 Visibility visibility_for(const std::string& device, const Snapshot& snapshot, std::optional<Error>& error) {
-  auto restricted = api::restrict_to_device(device, snapshot, current_visibility(snapshot));
+  auto restricted = restrict_to_device(device, snapshot, current_visibility(snapshot));
   if (restricted) return std::move(*restricted);
   error = std::move(restricted).error();
   Visibility none;

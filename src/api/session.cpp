@@ -6,7 +6,7 @@
 #include <mutex>
 
 #include "api/lease_state.hpp"
-#include "cli/report.hpp"
+#include "api/report.hpp"
 
 namespace gpuslot::api {
 
@@ -65,51 +65,6 @@ std::string default_command(const std::string& what) {
   return command.size() > 200 ? command.substr(0, 197) + "..." : command;
 }
 
-Result<Visibility> restrict_to_device(const std::string& spec_text, const Snapshot& snapshot, Visibility visibility) {
-  // Which GPUs an integer CUDA_VISIBLE_DEVICES names on a mixed host is CUDA's guess, not ours.
-  if (visibility.restricted && visibility.ambiguity) return make_error(Errc::bad_input, *visibility.ambiguity);
-  if (spec_text.empty()) return visibility;
-  auto parsed = parse_device_spec(spec_text);
-  if (!parsed) return std::move(parsed).error();
-  const DeviceSpec spec = *parsed;
-  auto only = [&visibility, &spec_text](unsigned index) -> Result<Visibility> {
-    if (visibility.slurm && !visibility.is_candidate(index)) {
-      return make_error(Errc::bad_input, "device " + spec_text + " is GPU " + std::to_string(index) + ", which " +
-                                             visibility.slurm->label() + " was not granted");
-    }
-    visibility.visible = {index};
-    visibility.restricted = true;
-    visibility.restricted_by = "device " + spec_text;
-    return visibility;
-  };
-  switch (spec.kind) {
-    case DeviceSpec::Kind::automatic:
-    case DeviceSpec::Kind::cuda_any: return visibility;
-    case DeviceSpec::Kind::cpu:
-      return make_error(Errc::bad_input, "device cpu asks for no GPU; expected auto, cuda, cuda:N or GPU-<uuid>");
-    case DeviceSpec::Kind::cuda_ordinal:
-      if (visibility.ambiguity) return make_error(Errc::bad_input, *visibility.ambiguity);
-      if (spec.ordinal >= visibility.visible.size()) {
-        const std::size_t count = visibility.visible.size();
-        return make_error(Errc::bad_input, "device cuda:" + std::to_string(spec.ordinal) + " does not exist: " +
-                                               std::to_string(count) + " GPU" + (count == 1 ? " is" : "s are") + " visible" +
-                                               (visibility.slurm ? " in " + visibility.slurm->label() : "") +
-                                               " (cuda:0 to cuda:" + std::to_string(count == 0 ? 0 : count - 1) + ")");
-      }
-      return only(visibility.visible[spec.ordinal]);
-    case DeviceSpec::Kind::uuid: {
-      auto index = nvml_index_of_uuid_prefix(snapshot, spec.uuid_prefix);
-      if (!index) return std::move(index).error();
-      if (!visibility.is_visible(*index)) {
-        return make_error(Errc::bad_input, "device " + spec_text + " is GPU " + std::to_string(*index) +
-                                               ", which CUDA_VISIBLE_DEVICES hides from this process");
-      }
-      return only(*index);
-    }
-  }
-  return visibility;
-}
-
 void explain(const Decision& decision, const Snapshot& snapshot, const Visibility& visibility,
              const std::vector<std::string>& extra_warnings, Explanation* explanation) {
   if (explanation == nullptr) return;
@@ -118,7 +73,7 @@ void explain(const Decision& decision, const Snapshot& snapshot, const Visibilit
   explanation->gpu_lines.clear();
   for (const auto& verdict : decision.verdicts) {
     if (verdict.nvml_index < snapshot.gpus.size()) {
-      explanation->gpu_lines.push_back(cli::verdict_line(snapshot.gpus[verdict.nvml_index], verdict, visibility));
+      explanation->gpu_lines.push_back(report::verdict_line(snapshot.gpus[verdict.nvml_index], verdict, visibility));
     }
   }
   explanation->warnings = extra_warnings;

@@ -25,10 +25,6 @@ Result<Ledger> ledger();
 // "<what>: <this process's command line>", shown by `gpuslot leases`.
 std::string default_command(const std::string& what);
 
-// `visibility` narrowed to what `spec` allows ("" = no narrowing), with the CLI's rules and
-// messages (cmd_pick.cpp restrict_to_device), as a value instead of an exception.
-Result<Visibility> restrict_to_device(const std::string& spec, const Snapshot& snapshot, Visibility visibility);
-
 // Fills `explanation` (if not null) from a decision: summary, one verdict line per GPU as
 // `--explain` prints it, the decision's warnings plus `extra_warnings`.
 void explain(const Decision& decision, const Snapshot& snapshot, const Visibility& visibility,

@@ -1,9 +1,9 @@
 // status_api.cpp — `gpuslot status --json` for in-process callers. The document is built by the
-// same function the command uses (cli/report.cpp status_json), so the two cannot drift apart.
+// same function the command uses (api/report.cpp status_json), so the two cannot drift apart.
 #include <exception>
 
 #include "api/session.hpp"
-#include "cli/report.hpp"
+#include "api/report.hpp"
 
 namespace gpuslot {
 
@@ -24,7 +24,7 @@ Result<std::string> status_json(std::vector<std::string>* warnings) {
     if (warnings != nullptr) *warnings = std::move(found);
     auto recommendation = select_gpus(Requirements{}, *snapshot, visibility, outstanding);
     if (!recommendation) return std::move(recommendation).error();
-    return cli::status_json(*snapshot, visibility, *recommendation, cli::leases_by_gpu(leases, *snapshot)).dump(2);
+    return report::status_json(*snapshot, visibility, *recommendation, report::leases_by_gpu(leases, *snapshot)).dump(2);
   } catch (const std::exception& e) {
     return make_error(Errc::internal, std::string("internal error: ") + e.what());
   }

@@ -42,46 +42,7 @@ Requirements RequirementOptions::to_requirements() const {
 }
 
 Visibility restrict_to_device(const std::string& spec_text, const Snapshot& snapshot, Visibility visibility) {
-  // Which GPUs an integer CUDA_VISIBLE_DEVICES names on a mixed host is CUDA's guess, not ours:
-  // handing out a GPU might give the child one outside its parent's set.
-  if (visibility.restricted && visibility.ambiguity) throw CommandError(make_error(Errc::bad_input, *visibility.ambiguity));
-  if (spec_text.empty()) return visibility;
-  const DeviceSpec spec = value_or_throw(parse_device_spec(spec_text));
-  auto only = [&visibility, &spec_text](unsigned index) {
-    if (visibility.slurm && !visibility.is_candidate(index)) {
-      throw CommandError(make_error(Errc::bad_input, "device " + spec_text + " is GPU " + std::to_string(index) + ", which " +
-                                                         visibility.slurm->label() + " was not granted"));
-    }
-    visibility.visible = {index};
-    visibility.restricted = true;
-    visibility.restricted_by = "--device " + spec_text;
-    return visibility;
-  };
-  switch (spec.kind) {
-    case DeviceSpec::Kind::automatic:
-    case DeviceSpec::Kind::cuda_any: return visibility;
-    case DeviceSpec::Kind::cpu:
-      throw CommandError(make_error(Errc::bad_input, "--device cpu asks for no GPU; expected auto, cuda, cuda:N or GPU-<uuid>"));
-    case DeviceSpec::Kind::cuda_ordinal:
-      if (visibility.ambiguity) throw CommandError(make_error(Errc::bad_input, *visibility.ambiguity));
-      if (spec.ordinal >= visibility.visible.size()) {
-        throw CommandError(make_error(Errc::bad_input, "device cuda:" + std::to_string(spec.ordinal) + " does not exist: " +
-                                                           std::to_string(visibility.visible.size()) + " GPU" +
-                                                           (visibility.visible.size() == 1 ? " is" : "s are") + " visible" +
-                                                           (visibility.slurm ? " in " + visibility.slurm->label() : "") + " (cuda:0 to cuda:" +
-                                                           std::to_string(visibility.visible.empty() ? 0 : visibility.visible.size() - 1) + ")"));
-      }
-      return only(visibility.visible[spec.ordinal]);
-    case DeviceSpec::Kind::uuid: {
-      const unsigned index = value_or_throw(nvml_index_of_uuid_prefix(snapshot, spec.uuid_prefix));
-      if (!visibility.is_visible(index)) {
-        throw CommandError(make_error(Errc::bad_input, "device " + spec_text + " is GPU " + std::to_string(index) +
-                                                           ", which CUDA_VISIBLE_DEVICES hides from this process"));
-      }
-      return only(index);
-    }
-  }
-  return visibility;
+  return value_or_throw(gpuslot::restrict_to_device(spec_text, snapshot, std::move(visibility), "--device"));
 }
 
 namespace {

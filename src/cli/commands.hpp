@@ -36,7 +36,8 @@ void add_batch(CLI::App& app, Context& context);
 std::string default_reservation();
 
 // Restricts `visibility` to the GPU a --device spec names (cuda:N or GPU-…); `auto`/`cuda` leave
-// it as is; `cpu` is refused for commands that need a GPU.
+// it as is; `cpu` is refused for commands that need a GPU. The visibility layer's
+// restrict_to_device, named "--device", with its error thrown as a CommandError.
 Visibility restrict_to_device(const std::string& spec, const Snapshot& snapshot, Visibility visibility);
 
 }  // namespace gpuslot::cli

@@ -1,5 +1,5 @@
 // device_spec.cpp — the device settings services write (`…_DEVICE=auto|cuda|cuda:N|cpu|GPU-<uuid>`)
-// and the lookup of a GPU by UUID prefix.
+// the lookup of a GPU by UUID prefix, and the narrowing of a visibility to the GPU a setting names.
 //
 // The accepted set is deliberately small and closed: a service's config that says `gpu`, `0` or
 // `cuda: 1` is a typo we report with the accepted forms, not a guess we make. Keywords ignore
@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "gpuslot/visibility.hpp"
@@ -90,6 +91,53 @@ Result<unsigned> nvml_index_of_uuid_prefix(const Snapshot& snapshot, std::string
                                            which + "); give more of the UUID");
   }
   return snapshot.gpus[matches.front()].nvml_index;
+}
+
+Result<Visibility> restrict_to_device(std::string_view spec_text, const Snapshot& snapshot, Visibility visibility,
+                                      std::string_view setting) {
+  if (visibility.restricted && visibility.ambiguity) return make_error(Errc::bad_input, *visibility.ambiguity);
+  if (spec_text.empty()) return visibility;
+  auto parsed = parse_device_spec(spec_text);
+  if (!parsed) return std::move(parsed).error();
+  const DeviceSpec spec = *parsed;
+  const std::string text(spec_text);
+  auto only = [&visibility, &text, setting](unsigned index) -> Result<Visibility> {
+    if (visibility.slurm && !visibility.is_candidate(index)) {
+      return make_error(Errc::bad_input, "device " + text + " is GPU " + std::to_string(index) + ", which " +
+                                             visibility.slurm->label() + " was not granted");
+    }
+    visibility.visible = {index};
+    visibility.restricted = true;
+    visibility.restricted_by = std::string(setting) + " " + text;
+    return visibility;
+  };
+  switch (spec.kind) {
+    case DeviceSpec::Kind::automatic:
+    case DeviceSpec::Kind::cuda_any: return visibility;
+    case DeviceSpec::Kind::cpu:
+      return make_error(Errc::bad_input,
+                        std::string(setting) + " cpu asks for no GPU; expected auto, cuda, cuda:N or GPU-<uuid>");
+    case DeviceSpec::Kind::cuda_ordinal:
+      if (visibility.ambiguity) return make_error(Errc::bad_input, *visibility.ambiguity);
+      if (spec.ordinal >= visibility.visible.size()) {
+        const std::size_t count = visibility.visible.size();
+        return make_error(Errc::bad_input, "device cuda:" + std::to_string(spec.ordinal) + " does not exist: " +
+                                               std::to_string(count) + " GPU" + (count == 1 ? " is" : "s are") + " visible" +
+                                               (visibility.slurm ? " in " + visibility.slurm->label() : "") +
+                                               " (cuda:0 to cuda:" + std::to_string(count == 0 ? 0 : count - 1) + ")");
+      }
+      return only(visibility.visible[spec.ordinal]);
+    case DeviceSpec::Kind::uuid: {
+      auto index = nvml_index_of_uuid_prefix(snapshot, spec.uuid_prefix);
+      if (!index) return std::move(index).error();
+      if (!visibility.is_visible(*index)) {
+        return make_error(Errc::bad_input, "device " + text + " is GPU " + std::to_string(*index) +
+                                               ", which CUDA_VISIBLE_DEVICES hides from this process");
+      }
+      return only(*index);
+    }
+  }
+  return visibility;
 }
 
 }  // namespace gpuslot

@@ -1,7 +1,9 @@
-// Device specs (`auto|cuda|cuda:N|cpu|GPU-<uuid>`) and the lookup of a GPU by UUID prefix.
+// Device specs (`auto|cuda|cuda:N|cpu|GPU-<uuid>`), the lookup of a GPU by UUID prefix, and the
+// narrowing of a visibility to the GPU a setting names (restrict_to_device).
 #include <gtest/gtest.h>
 
 #include <string>
+#include <vector>
 
 #include "gpuslot/visibility.hpp"
 #include "unit/visibility/hand_made_snapshots.hpp"
@@ -172,6 +174,54 @@ TEST(NvmlIndexOfUuidPrefix, ReturnsNvmlIndexNotPosition) {
   const Result<unsigned> index = nvml_index_of_uuid_prefix(snapshot, "GPU-1a");
   ASSERT_TRUE(index.ok());
   EXPECT_EQ(*index, 6u);
+}
+
+
+// restrict_to_device: the one narrowing behind `pick/run --device`, `gpuslot device` and the library.
+Visibility visible_3_1() { return resolve_visibility(test::eight_a100s(), VisibilityEnv{"3,1", std::nullopt}); }
+
+TEST(RestrictToDevice, EmptyAutoAndCudaLeaveVisibilityAsItIs) {
+  for (const char* spec : {"", "auto", "cuda"}) {
+    const Result<Visibility> narrowed = restrict_to_device(spec, test::eight_a100s(), visible_3_1());
+    ASSERT_TRUE(narrowed.ok()) << spec;
+    EXPECT_EQ(narrowed->visible, (std::vector<unsigned>{3, 1})) << spec;
+    EXPECT_EQ(narrowed->restricted_by, "CUDA_VISIBLE_DEVICES") << spec;
+  }
+}
+
+TEST(RestrictToDevice, OrdinalIsInsideTheCurrentVisibilityAndNamesTheSetting) {
+  const Result<Visibility> library = restrict_to_device("cuda:1", test::eight_a100s(), visible_3_1());
+  ASSERT_TRUE(library.ok());
+  EXPECT_EQ(library->visible, std::vector<unsigned>{1});
+  EXPECT_EQ(library->restricted_by, "device cuda:1");
+  const Result<Visibility> command = restrict_to_device("cuda:1", test::eight_a100s(), visible_3_1(), "--device");
+  ASSERT_TRUE(command.ok());
+  EXPECT_EQ(command->restricted_by, "--device cuda:1");
+  EXPECT_EQ(command->why_not_candidate(3), "outside --device cuda:1");
+}
+
+TEST(RestrictToDevice, UuidOfAVisibleGpu) {
+  const Result<Visibility> narrowed = restrict_to_device("GPU-3c", test::eight_a100s(), visible_3_1());
+  ASSERT_TRUE(narrowed.ok());
+  EXPECT_EQ(narrowed->visible, std::vector<unsigned>{3});
+  EXPECT_EQ(narrowed->cuda_ordinal_of(3), 0u);
+}
+
+TEST(RestrictToDevice, RefusalsSayWhatWasWrong) {
+  const Snapshot snapshot = test::eight_a100s();
+  const Result<Visibility> missing = restrict_to_device("cuda:2", snapshot, visible_3_1());
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.error().code, Errc::bad_input);
+  EXPECT_EQ(missing.error().message, "device cuda:2 does not exist: 2 GPUs are visible (cuda:0 to cuda:1)");
+  const Result<Visibility> hidden = restrict_to_device("GPU-2b", snapshot, visible_3_1());
+  ASSERT_FALSE(hidden.ok());
+  EXPECT_EQ(hidden.error().message, "device GPU-2b is GPU 2, which CUDA_VISIBLE_DEVICES hides from this process");
+  const Result<Visibility> cpu = restrict_to_device("cpu", snapshot, visible_3_1(), "--device");
+  ASSERT_FALSE(cpu.ok());
+  EXPECT_EQ(cpu.error().message, "--device cpu asks for no GPU; expected auto, cuda, cuda:N or GPU-<uuid>");
+  const Result<Visibility> invalid = restrict_to_device("gpu", snapshot, visible_3_1());
+  ASSERT_FALSE(invalid.ok());
+  EXPECT_EQ(invalid.error().code, Errc::bad_input);
 }
 
 }  // namespace
