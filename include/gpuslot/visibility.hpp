@@ -173,4 +173,10 @@ struct ChildGpuEnv {
 ChildGpuEnv child_gpu_env(const Snapshot& snapshot, const std::vector<unsigned>& nvml_indices,
                           ExportFormat format);
 
+// A child's whole environment as "NAME=value" entries: `base` (a NULL-terminated list such as
+// environ) with every variable in `set` replaced. When `set` names a variable twice, the later
+// one wins, so callers list the GPU variables last and a job's own settings cannot override them.
+std::vector<std::string> child_environment(const char* const* base,
+                                           const std::vector<std::pair<std::string, std::string>>& set);
+
 }  // namespace gpuslot

@@ -63,20 +63,6 @@ void install_forwarding() {
   for (int signal_number : kForwarded) sigaction(signal_number, &action, nullptr);
 }
 
-std::vector<std::string> child_environment(const ChildGpuEnv& gpu_env, const std::string& lease_id) {
-  std::vector<std::string> entries;
-  for (char** entry = environ; *entry != nullptr; ++entry) {
-    const std::string text = *entry;
-    const std::string name = text.substr(0, text.find('='));
-    bool replaced = name == "GPUSLOT_LEASE_ID";
-    for (const auto& [set_name, value] : gpu_env.set) replaced = replaced || set_name == name;
-    if (!replaced) entries.push_back(text);
-  }
-  for (const auto& [name, value] : gpu_env.set) entries.push_back(name + "=" + value);
-  entries.push_back("GPUSLOT_LEASE_ID=" + lease_id);
-  return entries;
-}
-
 std::string command_text(const std::vector<std::string>& command) {
   std::string text;
   for (const auto& word : command) text += (text.empty() ? "" : " ") + word;
@@ -162,7 +148,9 @@ void run_run(Context& context, RunOptions& options) {
   const LeaseRecord record = reservation.lease->record();
   const ChildGpuEnv gpu_env = child_gpu_env(reservation.snapshot, reservation.decision.chosen,
                                             options.export_format == "uuid" ? ExportFormat::uuid : ExportFormat::index);
-  std::vector<std::string> environment = child_environment(gpu_env, record.id);
+  auto settings = gpu_env.set;
+  settings.emplace_back("GPUSLOT_LEASE_ID", record.id);
+  std::vector<std::string> environment = child_environment(environ, settings);
   std::vector<char*> envp;
   for (auto& entry : environment) envp.push_back(entry.data());
   envp.push_back(nullptr);

@@ -487,21 +487,13 @@ class Scheduler {
   }
 
   std::vector<std::string> job_environment(const JobStatus& job, const Snapshot& snapshot, const std::string& lease_id) const {
-    const ChildGpuEnv gpu_env = child_gpu_env(snapshot, job.gpu_indices, options_.export_format);
-    std::set<std::string> replaced = {"GPUSLOT_LEASE_ID", "GPUSLOT_JOB_NAME", "GPUSLOT_JOB_ATTEMPT"};
-    for (const auto& [name, value] : gpu_env.set) replaced.insert(name);
-    for (const auto& [name, value] : job.spec.env) replaced.insert(name);
-    std::vector<std::string> entries;
-    for (char** entry = environ; *entry != nullptr; ++entry) {
-      const std::string_view text = *entry;
-      if (replaced.count(std::string(text.substr(0, text.find('=')))) == 0) entries.emplace_back(text);
-    }
-    for (const auto& [name, value] : job.spec.env) entries.push_back(name + "=" + value);
-    for (const auto& [name, value] : gpu_env.set) entries.push_back(name + "=" + value);
-    entries.push_back("GPUSLOT_LEASE_ID=" + lease_id);
-    entries.push_back("GPUSLOT_JOB_NAME=" + job.spec.name);
-    entries.push_back("GPUSLOT_JOB_ATTEMPT=" + std::to_string(job.attempts));
-    return entries;
+    // The job's own settings first, gpuslot's last: a job's "env" cannot move it off its GPUs.
+    std::vector<std::pair<std::string, std::string>> settings = job.spec.env;
+    for (auto& setting : child_gpu_env(snapshot, job.gpu_indices, options_.export_format).set) settings.push_back(std::move(setting));
+    settings.emplace_back("GPUSLOT_LEASE_ID", lease_id);
+    settings.emplace_back("GPUSLOT_JOB_NAME", job.spec.name);
+    settings.emplace_back("GPUSLOT_JOB_ATTEMPT", std::to_string(job.attempts));
+    return child_environment(environ, settings);
   }
 
   // Reserve, journal, fork. false when the ledger refused (another launch took the room first).

@@ -12,6 +12,8 @@
 // The environment replaces the parent's CUDA_VISIBLE_DEVICES instead of nesting inside it: the
 // indices are absolute NVML indices, and the policy only chose GPUs the parent could see.
 #include <string>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "gpuslot/visibility.hpp"
@@ -68,6 +70,21 @@ ChildGpuEnv child_gpu_env(const Snapshot& snapshot, const std::vector<unsigned>&
   env.set.emplace_back("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
   env.set.emplace_back("GPUSLOT_GPU_UUIDS", comma_joined(uuids));
   return env;
+}
+
+std::vector<std::string> child_environment(const char* const* base,
+                                           const std::vector<std::pair<std::string, std::string>>& set) {
+  std::unordered_map<std::string_view, std::size_t> last;  // name -> its last position in `set`
+  for (std::size_t i = 0; i < set.size(); ++i) last[set[i].first] = i;
+  std::vector<std::string> entries;
+  for (const char* const* entry = base; entry != nullptr && *entry != nullptr; ++entry) {
+    const std::string_view text = *entry;
+    if (last.find(text.substr(0, text.find('='))) == last.end()) entries.emplace_back(text);
+  }
+  for (std::size_t i = 0; i < set.size(); ++i) {
+    if (last[set[i].first] == i) entries.push_back(set[i].first + "=" + set[i].second);
+  }
+  return entries;
 }
 
 }  // namespace gpuslot

@@ -100,13 +100,15 @@ def test_journal_errors_are_one_line_with_distinct_exit_codes(gpuslot, host, tmp
 def test_inherited_cuda_visible_devices_limits_the_gpus(gpuslot, host, tmp_path):
     machine = host("4x24g")
     jobs = write_jobs(tmp_path / "jobs.jsonl",
-                      [{"name": "j%d" % i, "cmd": "echo $CUDA_VISIBLE_DEVICES", "mem": "10G"} for i in range(6)])
+                      [{"name": "j%d" % i, "cmd": "echo $CUDA_VISIBLE_DEVICES $MINE", "mem": "10G",
+                        # A job's own env is passed on, but cannot move it off the GPU it was given.
+                        "env": {"MINE": "kept", "CUDA_VISIBLE_DEVICES": "0"}} for i in range(6)])
     gpuslot("batch", jobs, host=machine, check=0,
             env={"CUDA_VISIBLE_DEVICES": "2,3", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
     found = status(gpuslot, str(jobs) + ".gpuslot.db", machine)
     for job in found.values():
         assert job["gpus"][0] in (2, 3)
-        assert open(job["stdout"]).read().strip() == str(job["gpus"][0])
+        assert open(job["stdout"]).read().strip() == "%d kept" % job["gpus"][0]
 
 
 def test_packs_several_jobs_per_gpu_by_memory(gpuslot, host, tmp_path, fake_gpu_job):

@@ -89,5 +89,14 @@ TEST(ChildGpuEnv, ChildSeesExactlyTheChosenGpusOnAMixedHost) {
   }
 }
 
+TEST(ChildEnvironment, ReplacesInheritedVariablesAndTheLastSettingWins) {
+  const char* base[] = {"PATH=/bin", "CUDA_VISIBLE_DEVICES=0,1", "HOME=/root", "NOEQUALS", nullptr};
+  const auto entries = child_environment(base, {{"CUDA_VISIBLE_DEVICES", "7"},  // e.g. a job's own "env"
+                                                {"SEED", "1"},
+                                                {"CUDA_VISIBLE_DEVICES", "3"}});  // gpuslot's, listed last
+  EXPECT_EQ(entries, (std::vector<std::string>{"PATH=/bin", "HOME=/root", "NOEQUALS", "SEED=1", "CUDA_VISIBLE_DEVICES=3"}));
+  EXPECT_EQ(child_environment(nullptr, {{"A", "b"}}), std::vector<std::string>{"A=b"});
+}
+
 }  // namespace
 }  // namespace gpuslot
