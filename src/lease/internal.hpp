@@ -31,6 +31,9 @@ class HostLock {
 // Serialises a record to its file's JSON text and back. Parsing rejects anything incomplete.
 std::string to_json_text(const LeaseRecord& record);
 Result<LeaseRecord> from_json_text(const std::string& text);
+// from_json_text's general path: any JSON form of a lease, through nlohmann (the fast path
+// `read_canonical_lease` must agree with it; tests/unit/lease checks that on mutated texts).
+Result<LeaseRecord> read_lease_document(const std::string& text);
 // The fast path of from_json_text: the exact compact form to_json_text writes, else nullopt
 // (exposed for the test that checks it agrees with the document parser).
 std::optional<LeaseRecord> read_canonical_lease(std::string_view text);

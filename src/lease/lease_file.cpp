@@ -215,6 +215,10 @@ std::optional<LeaseRecord> read_canonical_lease(std::string_view text) { return 
 
 Result<LeaseRecord> from_json_text(const std::string& text) {
   if (auto record = read_canonical_lease(text)) return checked(std::move(*record));
+  return read_lease_document(text);
+}
+
+Result<LeaseRecord> read_lease_document(const std::string& text) {
   try {
     const nlohmann::json json = nlohmann::json::parse(text);
     if (json.value("format", 0) != 1) return make_error(Errc::bad_input, "unknown lease format");

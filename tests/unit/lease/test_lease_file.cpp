@@ -18,6 +18,7 @@ namespace {
 using namespace testing_lease;
 
 using lease_internal::from_json_text;
+using lease_internal::read_lease_document;
 using lease_internal::to_json_text;
 
 LeaseRecord sample_record() {
@@ -52,30 +53,11 @@ void expect_same(const LeaseRecord& a, const LeaseRecord& b) {
   EXPECT_EQ(a.holder_session, b.holder_session);
 }
 
-// The reading of lease files as a JSON document and get<T>(): from_json_text's fallback, written
-// out here as the reference its fast path must agree with.
+// The reference the fast path must agree with: the product's general (nlohmann) reader.
 std::optional<LeaseRecord> parse_with_document(const std::string& text) {
-  try {
-    const nlohmann::json json = nlohmann::json::parse(text);
-    if (json.value("format", 0) != 1) return std::nullopt;
-    LeaseRecord record;
-    record.id = json.at("id").get<std::string>();
-    record.holder_pid = json.at("holder_pid").get<pid_t>();
-    record.holder_start_ticks = json.at("holder_start_ticks").get<unsigned long long>();
-    record.uid = json.at("uid").get<uid_t>();
-    record.user = json.at("user").get<std::string>();
-    record.gpu_uuids = json.at("gpu_uuids").get<std::vector<std::string>>();
-    record.nvml_indices = json.at("nvml_indices").get<std::vector<unsigned>>();
-    record.reserved_bytes = json.at("reserved_bytes").get<std::uint64_t>();
-    record.command = json.at("command").get<std::string>();
-    record.taken_at_ms = json.at("taken_at_ms").get<std::int64_t>();
-    if (!json.at("expires_at_ms").is_null()) record.expires_at_ms = json.at("expires_at_ms").get<std::int64_t>();
-    record.holder_session = json.value("holder_session", pid_t(0));
-    if (record.id.empty() || record.gpu_uuids.empty() || record.holder_pid < 0) return std::nullopt;
-    return record;
-  } catch (const std::exception&) {
-    return std::nullopt;
-  }
+  auto record = read_lease_document(text);
+  if (!record) return std::nullopt;
+  return std::move(*record);
 }
 
 LeaseRecord plain_record() {
