@@ -413,7 +413,7 @@ void add_batch(CLI::App& app, Context& context) {
   CLI::App* command = app.add_subcommand("batch", "Run a jobs file over the GPUs: placed by memory, out-of-memory retried, journaled");
   command->add_option("file", options->file, "Jobs file: one shell command per line, or JSON Lines; - for stdin");
   options->requirements.add_to(*command);
-  command->add_flag("--resume", options->resume, "Continue the batch its journal describes (after a crash or Ctrl-C)");
+  command->add_flag("--resume", options->resume, "Continue the batch its journal describes (after a crash or Ctrl-C); a start stopped before it wrote its journal begins again");
   command->add_option("--journal", options->journal, "Journal path (default: FILE.gpuslot.db; logs beside it in FILE.gpuslot.logs)");
   command->add_option("--retries", options->retries, "Out-of-memory retries per job (default 3; a job's own \"retries\" wins)");
   command->add_option("--oom-exit-code", options->oom_exit_codes, "An exit code that means out of GPU memory (repeatable)");

@@ -362,9 +362,16 @@ Result<void> index_jobs(OpenedBatch& batch, const std::vector<std::string>& name
   return {};
 }
 
-Result<void> open_or_create(OpenedBatch& batch, const std::vector<JobSpec>& specs, const BatchOptions& options) {
+// `logs_existed`: the logs folder was there before this start. A scheduler creates it before it
+// writes the journal, so a folder without a journal is a start that was stopped (kill -9, a full
+// disk) before its journal existed: nothing of that batch ran, and --resume starts it afresh.
+Result<void> open_or_create(OpenedBatch& batch, const std::vector<JobSpec>& specs, const BatchOptions& options,
+                            bool logs_existed) {
   const std::string executor = executor_name(options.executor);
-  if (!options.resume) {
+  struct stat journal_info {};
+  const bool unjournaled_start =
+      options.resume && logs_existed && ::lstat(options.journal_path.c_str(), &journal_info) != 0 && errno == ENOENT;
+  if (!options.resume || unjournaled_start) {
     const double created_at = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
     auto created = Journal::create(options.journal_path, specs, options.jobs_source, options.jobs_hash,
                                    {{"executor", executor}, {"batch_id", new_batch_id()},
@@ -398,8 +405,20 @@ Result<void> open_or_create(OpenedBatch& batch, const std::vector<JobSpec>& spec
 Result<OpenedBatch> open_batch_journal(std::vector<JobSpec> specs, const BatchOptions& options) {
   OpenedBatch batch;
   batch.logs_dir = logs_directory_of(options.journal_path);
-  if (::mkdir(batch.logs_dir.c_str(), 0755) != 0 && errno != EEXIST) {
-    return make_error(Errc::state, "cannot create the logs folder " + quote_for_message(batch.logs_dir) + ": " + std::strerror(errno));
+  struct stat info {};
+  if (options.resume && ::lstat(options.journal_path.c_str(), &info) != 0 && ::lstat(batch.logs_dir.c_str(), &info) != 0) {
+    // Neither journal nor logs folder: no batch ever started here (a mistyped path?). Leave no
+    // folder behind, or the next --resume would take it for a start stopped before its journal.
+    return make_error(Errc::bad_input, "no journal at " + quote_for_message(options.journal_path) +
+                                           "; nothing to resume (run without --resume to start)");
+  }
+  bool logs_existed = false;
+  if (::mkdir(batch.logs_dir.c_str(), 0755) != 0) {
+    logs_existed = errno == EEXIST;
+    if (!logs_existed) {
+      return make_error(Errc::state, "cannot create the logs folder " + quote_for_message(batch.logs_dir) + ": " +
+                                         std::strerror(errno));
+    }
   }
   // One scheduler per journal. A classic POSIX record lock on a file of its own (not the
   // database, whose locks SQLite owns): unlike flock, it belongs to the process and is not
@@ -421,7 +440,7 @@ Result<OpenedBatch> open_batch_journal(std::vector<JobSpec> specs, const BatchOp
     return fail(make_error(Errc::state, "journal " + quote_for_message(options.journal_path) +
                                             " is in use by another gpuslot batch (wait for it, or stop it first)"));
   }
-  if (auto opened = open_or_create(batch, specs, options); !opened) return fail(opened.error());
+  if (auto opened = open_or_create(batch, specs, options, logs_existed); !opened) return fail(opened.error());
   // The jobs file's specs are now in the journal: free them before loading the journal's
   // records, so 100 000 jobs are never held twice (issue target: < 64 MiB). On --resume the
   // journal's jobs are the file's (same hash).

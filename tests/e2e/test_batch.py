@@ -75,12 +75,30 @@ def test_bad_jobs_files_are_rejected_up_front_with_the_line(gpuslot, host, tmp_p
     assert not os.path.exists(str(jobs) + ".gpuslot.db"), "nothing may be journaled for a rejected file"
 
 
+def test_resume_of_a_start_killed_before_its_journal_existed_runs_the_batch(gpuslot, host, tmp_path):
+    # A scheduler makes its logs folder, then writes its journal; kill -9 between the two leaves
+    # the folder (and its scheduler.lock) without a journal. Nothing of that batch ran.
+    machine = host("4x24g")
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("echo one >> %s/marks\necho two >> %s/marks\n" % (tmp_path, tmp_path))
+    logs = tmp_path / "jobs.txt.gpuslot.logs"
+    logs.mkdir()
+    (logs / "scheduler.lock").write_text("")
+    resumed = gpuslot("batch", jobs, "--resume", host=machine, check=0)
+    assert "2 succeeded, 0 failed" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert sorted((tmp_path / "marks").read_text().split()) == ["one", "two"]
+    again = gpuslot("batch", jobs, "--resume", host=machine, check=0)
+    assert (tmp_path / "marks").read_text().split().count("one") == 1, "a finished batch is not run again"
+
+
 def test_journal_errors_are_one_line_with_distinct_exit_codes(gpuslot, host, tmp_path):
     machine = host("4x24g")
     jobs = tmp_path / "jobs.txt"
     jobs.write_text("true\n")
     missing = gpuslot("batch", jobs, "--resume", host=machine, check=2)
     assert "nothing to resume" in missing.stderr
+    assert not os.path.exists(str(jobs) + ".gpuslot.db")
+    assert not os.path.exists(str(jobs) + ".gpuslot.logs"), "a refused --resume leaves nothing behind"
     gpuslot("batch", jobs, host=machine, check=0)
     again = gpuslot("batch", jobs, host=machine, check=4)
     assert "already exists: add --resume" in again.stderr
