@@ -109,6 +109,13 @@ std::string logs_directory_of(const std::string& journal_path);
 
 enum class BatchExecutor { local, slurm };
 
+// The order in which the local scheduler offers queued jobs the free room. largest_first (the
+// default) is first-fit decreasing: jobs needing more GPUs, then whole GPUs (exclusive), then more
+// memory go first and smaller jobs fill the gaps they leave, which packs mixed sizes far better
+// than file order (bench/README.md, "Batch"). Ties, and jobs of equal size such as the chunks of
+// one long job, keep file order. `after` and `group` constrain either order.
+enum class JobOrder { largest_first, file };
+
 // How a batch is sent to Slurm (BatchExecutor::slurm).
 struct SlurmOptions {
   std::string partition;                   // sbatch --partition ("" = the cluster's default)
@@ -127,6 +134,7 @@ struct BatchOptions {
   std::string jobs_source;           // the jobs file as given ("-" for stdin), recorded
   std::uint64_t jobs_hash = 0;       // of its text: --resume refuses a changed file
   Strategy strategy = Strategy::pack;
+  JobOrder order = JobOrder::largest_first;
   std::vector<std::string> exclude;
   ExportFormat export_format = ExportFormat::index;
   std::vector<int> oom_exit_codes;   // exit codes that mean out of memory (--oom-exit-code)

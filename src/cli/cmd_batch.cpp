@@ -33,6 +33,7 @@ struct BatchCliOptions {
   std::string journal;
   std::string status_journal;
   bool resume = false;
+  std::string order;
   bool json = false;
   std::optional<unsigned> retries;
   std::vector<int> oom_exit_codes;
@@ -262,12 +263,19 @@ bool check_executor(const BatchCliOptions& options) {
       {"--partition", !options.partition.empty()}, {"--account", !options.account.empty()},
       {"--sbatch-arg", !options.sbatch_args.empty()}, {"--poll-interval", !options.poll_interval.empty()},
       {"--gpu-wait", !options.gpu_wait.empty()}};
+  if (!options.order.empty() && options.order != "largest-first" && options.order != "file") {
+    throw CommandError(make_error(Errc::bad_input, "invalid --order " + quote_for_message(options.order) + ": expected largest-first or file"));
+  }
   for (const auto& [flag, given] : slurm_only) {
     if (given && !slurm) throw CommandError(make_error(Errc::bad_input, std::string(flag) + " needs --executor slurm"));
   }
   if (slurm && !options.requirements.exclude.empty()) {
     throw CommandError(make_error(Errc::bad_input, "--exclude cannot be used with --executor slurm: Slurm chooses the GPUs "
                                                    "(to avoid nodes: --sbatch-arg=--exclude=NODES)"));
+  }
+  if (slurm && !options.order.empty()) {
+    throw CommandError(make_error(Errc::bad_input, "--order cannot be used with --executor slurm: Slurm orders and places the jobs "
+                                                   "(every job is submitted at once)"));
   }
   if (slurm && options.requirements.strategy != "pack") {
     throw CommandError(make_error(Errc::bad_input, "--strategy cannot be used with --executor slurm: Slurm chooses the GPUs"));
@@ -343,6 +351,7 @@ void run_batch_command(Context& context, const BatchCliOptions& options) {
   batch.export_format = options.export_format == "uuid" ? ExportFormat::uuid : ExportFormat::index;
   batch.oom_exit_codes = options.oom_exit_codes;
   batch.max_running = options.max_running;
+  batch.order = options.order == "file" ? JobOrder::file : JobOrder::largest_first;
 
   Printer printer(::isatty(STDERR_FILENO) == 1 && !options.json, slurm);
   std::fprintf(stderr, "batch: %zu jobs from %s; journal %s%s\n", parsed->size(),
@@ -417,6 +426,9 @@ void add_batch(CLI::App& app, Context& context) {
   command->add_option("--journal", options->journal, "Journal path (default: FILE.gpuslot.db; logs beside it in FILE.gpuslot.logs)");
   command->add_option("--retries", options->retries, "Out-of-memory retries per job (default 3; a job's own \"retries\" wins)");
   command->add_option("--oom-exit-code", options->oom_exit_codes, "An exit code that means out of GPU memory (repeatable)");
+  command->add_option("--order", options->order,
+                      "Which queued jobs get free room first: largest-first (default: more GPUs, then more memory; "
+                      "packs mixed sizes best) or file");
   command->add_option("--max-running", options->max_running, "At most N jobs at once (default: as many as fit)");
   command->add_option("--export", options->export_format, "How children see their GPUs: index (with PCI_BUS_ID order) or uuid");
   command->add_option("--status", options->status_journal, "Show every job of JOURNAL (read-only; safe while it runs)");

@@ -206,7 +206,7 @@ class Scheduler {
       // finished, so it runs again; this is not counted against its retries.
       job.state = JobState::queued;
       job.reason = "requeued: its attempt " + std::to_string(job.attempts) + " vanished without a result";
-      queue_.push_back(index);
+      enqueue(index);
       pending_events_[index] = {BatchEvent::Kind::lost_requeued, job.reason};
       return;
     }
@@ -217,7 +217,7 @@ class Scheduler {
       job.signal = outcome->signal;
       job.state = JobState::queued;
       job.reason = "interrupted (signal " + std::to_string(stop_signal_) + " forwarded); --resume runs it again";
-      queue_.push_back(index);
+      enqueue(index);
       pending_events_[index] = {BatchEvent::Kind::interrupted, job.reason};
       return;
     }
@@ -234,7 +234,7 @@ class Scheduler {
       ++failed_;
       ++finished_;
     } else {
-      queue_.push_back(index);
+      enqueue(index);
     }
     pending_events_[index] = {kind, job.reason};
   }
@@ -278,7 +278,7 @@ class Scheduler {
       }
     }
     running_count_ = adopted_.size();
-    std::sort(queue_.begin(), queue_.end());
+    std::sort(queue_.begin(), queue_.end(), [this](std::size_t a, std::size_t b) { return offered_before(a, b); });
     if (changed.empty()) return {};
     if (auto done = commit(changed); !done) return done;
     for (std::size_t index : changed) emit_pending_(index);
@@ -287,6 +287,25 @@ class Scheduler {
   }
 
   // --- placement -------------------------------------------------------------------------------
+  // Whether queued job `a` is offered the free room before `b` (BatchOptions::order).
+  bool offered_before(std::size_t a, std::size_t b) const {
+    if (options_.order == JobOrder::largest_first) {
+      const JobSpec& x = jobs_[a].spec;
+      const JobSpec& y = jobs_[b].spec;
+      const auto size = [](const JobSpec& job) { return job.exclusive ? UINT64_MAX : job.memory_bytes; };
+      if (x.gpus != y.gpus) return x.gpus > y.gpus;
+      if (size(x) != size(y)) return size(x) > size(y);
+    }
+    return a < b;
+  }
+
+  // A requeued job goes back to its place in the order, not to the end.
+  void enqueue(std::size_t index) {
+    queue_.insert(std::upper_bound(queue_.begin(), queue_.end(), index,
+                                   [this](std::size_t a, std::size_t b) { return offered_before(a, b); }),
+                  index);
+  }
+
   void occupy_gpus(std::size_t index) {
     for (unsigned gpu : jobs_[index].gpu_indices) {
       occupancy_[gpu].first += 1;
@@ -575,7 +594,7 @@ class Scheduler {
   std::vector<JobStatus> jobs_;
   std::unordered_map<std::size_t, std::vector<std::uint32_t>> after_;  // jobs with `after`: what they wait for
   std::map<std::string, std::vector<std::size_t>> groups_;
-  std::vector<std::size_t> queue_;  // queued jobs, in file order
+  std::vector<std::size_t> queue_;  // queued jobs, in the order they are offered room (offered_before)
   std::map<pid_t, Attempt> running_;
   std::vector<Attempt> adopted_;
   std::size_t running_count_ = 0;

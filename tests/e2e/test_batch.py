@@ -140,6 +140,30 @@ def test_packs_several_jobs_per_gpu_by_memory(gpuslot, host, tmp_path, fake_gpu_
     assert sorted(job["gpus"][0] for job in found.values()) == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
+def test_largest_jobs_are_offered_room_first_and_order_file_keeps_file_order(gpuslot, host, tmp_path):
+    # One 24 GiB GPU: three 6 GiB jobs, then one of 20 GiB that cannot share with any of them.
+    machine = host("1x4090")
+    jobs = write_jobs(tmp_path / "jobs.jsonl",
+                      [{"name": "small%d" % i, "cmd": "sleep 0.3", "mem": "6G"} for i in range(3)] +
+                      [{"name": "big", "cmd": "sleep 0.3", "mem": "20G"}])
+    starts = {}
+    for order in ("largest-first", "file"):
+        journal = str(tmp_path / ("%s.db" % order))
+        gpuslot("batch", jobs, "--order", order, "--journal", journal, host=machine, check=0)
+        starts[order] = {name: job["started_at"] for name, job in status(gpuslot, journal, machine).items()}
+    smalls = ["small0", "small1", "small2"]
+    # Default: the 20 GiB job first (file order would leave a 6 GiB hole beside each wave).
+    assert all(starts["largest-first"]["big"] < starts["largest-first"][name] for name in smalls), starts
+    assert all(starts["file"]["big"] > starts["file"][name] for name in smalls), starts
+    gpuslot("batch", jobs, "--journal", str(tmp_path / "default.db"), host=machine, check=0)
+    found = status(gpuslot, str(tmp_path / "default.db"), machine)
+    assert all(found["big"]["started_at"] < found[name]["started_at"] for name in smalls), "largest-first is the default"
+    bad = gpuslot("batch", jobs, "--order", "random", host=machine, check=2)
+    assert "invalid --order 'random': expected largest-first or file" in bad.stderr
+    slurm = gpuslot("batch", jobs, "--order", "file", "--executor", "slurm", host=machine, check=2)
+    assert "--order cannot be used with --executor slurm" in slurm.stderr
+
+
 def test_batch_waits_for_a_run_lease_and_starts_when_it_is_released(gpuslot, host, tmp_path, spawn):
     machine = host("1x4090")
     run_end = tmp_path / "run-end"
