@@ -102,7 +102,7 @@ class Bench:
             jobs.append({"name": "p%03d" % i, "mem": "%dG" % mem, "seconds": seconds})
         return jobs
 
-    def placement(self, jobs, one_per_gpu):
+    def placement(self, jobs, one_per_gpu, extra=()):
         folder, host, env = self.fresh("8x24g")
         lines = []
         for job in jobs:
@@ -114,7 +114,7 @@ class Bench:
         jobs_file = folder / "jobs.jsonl"
         jobs_file.write_text("\n".join(lines) + "\n")
         start = time.perf_counter()
-        done = subprocess.run([str(self.gpuslot), "batch", str(jobs_file)], env=env, cwd=folder,
+        done = subprocess.run([str(self.gpuslot), "batch", str(jobs_file), *extra], env=env, cwd=folder,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         makespan = time.perf_counter() - start
         status = json.loads(subprocess.run([str(self.gpuslot), "batch", "--status", str(jobs_file) + ".gpuslot.db", "--json"],
@@ -186,10 +186,10 @@ def main():
     work = tempfile.mkdtemp(prefix="gpuslot-bench-batch-")
     bench = Bench(args.build, work)
     print("machine: %s" % machine())
+    reps = 1 if args.quick else 3
     try:
         if args.only in (None, "dispatch"):
             jobs = 200 if args.quick else 2000
-            reps = 1 if args.quick else 3
             print("\n### (a) dispatch: %d x `true` on 8 fake GPUs, %d repetitions, interleaved\n" % (jobs, reps))
             results = {name: [] for name in ("gpuslot", "gpuslot --max-running 8", "gpuslot, state on tmpfs", "tsp -S 8", "parallel -j 8")}
             for _ in range(reps):
@@ -210,11 +210,23 @@ def main():
             count = 60 if args.quick else 200
             jobs = bench.placement_jobs(count)
             print("\n### (b) placement: %d fake-gpu-jobs, 2-20 GiB, 0.2-2 s, on 8 x 24 GiB\n" % count)
-            print("| placement | makespan s | lower bound s | ratio | failed | out-of-memory |")
-            print("|---|---:|---:|---:|---:|---:|")
-            for label, one in (("gpuslot batch (pack by memory)", False), ("one job per GPU (exclusive)", True)):
-                makespan, bound, failed, oom = bench.placement(jobs, one)
-                print("| %s | %.2f | %.2f | %.3f | %d | %d |" % (label, makespan, bound, makespan / bound, failed, oom))
+            print("| placement | median makespan s | lower bound s | ratio | failed | out-of-memory | runs (s) |")
+            print("|---|---:|---:|---:|---:|---:|---|")
+            runners = (("gpuslot batch (pack, largest first: the default)", False, ()),
+                       ("gpuslot batch --order file (pack, file order)", False, ("--order", "file")),
+                       ("one job per GPU (exclusive)", True, ()))
+            runs = {label: [] for label, _, _ in runners}
+            for _ in range(reps):
+                for label, one, extra in runners:  # interleaved, so load changes hit every runner alike
+                    runs[label].append(bench.placement(jobs, one, extra))
+            for label, _, _ in runners:
+                makespans = [run[0] for run in runs[label]]
+                bound = runs[label][0][1]
+                median = statistics.median(makespans)
+                print("| %s | %.2f | %.2f | %.3f | %d | %d | %s |" % (
+                    label, median, bound, median / bound, sum(run[2] for run in runs[label]),
+                    sum(run[3] for run in runs[label]), " ".join("%.2f" % m for m in makespans)))
+            print("\nload average after: %s" % " ".join("%.2f" % x for x in os.getloadavg()))
         if args.only in (None, "memory"):
             count = 10000 if args.quick else 100000
             print("\n### (c) scheduler memory with %d queued jobs\n" % count)

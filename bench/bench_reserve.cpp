@@ -9,7 +9,7 @@
 // before the start signal, and times only Ledger::reserve.
 //
 //   bench_reserve [--concurrency 1,16,64] [--samples 512] [--host HOST.json] [--nvml LIB]
-//                 [--mode reserve|split|both]
+//                 [--mode reserve|split|both] [--work DIR (default /tmp; /dev/shm for tmpfs)]
 //
 // One round = N workers forked, each loads NVML, then all block on a pipe the parent closes (the
 // barrier), call Ledger::reserve for 1 MiB (CLOCK_MONOTONIC around it), report the time through
@@ -246,7 +246,7 @@ std::string load_average() {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "bench_reserve: %s\nusage: bench_reserve [--concurrency 1,16,64] [--samples 512] [--host HOST.json] "
-               "[--nvml LIBRARY] [--mode reserve|split|both]\n",
+               "[--nvml LIBRARY] [--mode reserve|split|both] [--work DIR]\n",
                why);
   std::exit(2);
 }
@@ -259,6 +259,7 @@ int main(int argc, char** argv) {
   std::string host = BENCH_RESERVE_DEFAULT_HOST;
   std::string nvml = BENCH_RESERVE_DEFAULT_NVML;
   std::string mode = "both";
+  std::string work_root = "/tmp";
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (i + 1 >= argc) usage(("missing value after " + arg).c_str());
@@ -279,6 +280,8 @@ int main(int argc, char** argv) {
       host = value;
     } else if (arg == "--nvml") {
       nvml = value;
+    } else if (arg == "--work") {
+      work_root = value;  // where the state directory lives: /tmp (disk here), /dev/shm (tmpfs, as /run on systemd hosts)
     } else if (arg == "--mode") {
       mode = value;
       if (mode != "reserve" && mode != "split" && mode != "both") usage("--mode takes reserve, split or both");
@@ -291,12 +294,14 @@ int main(int argc, char** argv) {
 #endif
 
   // A private copy of the host (the fake records allocations beside it) and private leases.
-  char work_template[] = "/tmp/gpuslot-bench-reserve-XXXXXX";
-  if (::mkdtemp(work_template) == nullptr) {
+  std::string work_template_text = work_root + "/gpuslot-bench-reserve-XXXXXX";
+  std::vector<char> work_template(work_template_text.begin(), work_template_text.end());
+  work_template.push_back('\0');
+  if (::mkdtemp(work_template.data()) == nullptr) {
     std::perror("bench_reserve: mkdtemp");
     return 1;
   }
-  const std::filesystem::path work = work_template;
+  const std::filesystem::path work = work_template.data();
   std::error_code error;
   std::filesystem::copy_file(host, work / "host.json", error);
   if (error) {
