@@ -142,6 +142,8 @@ nlohmann::json lease_json(const LeaseRecord& lease) {
           {"user", lease.user},
           {"uid", lease.uid},
           {"pid", lease.holder_pid},
+          // A batch scheduler's lease before its shepherd takes it over: pid 0, counted in full.
+          {"pending", lease.holder_pid == 0 && !lease.expires_at_ms},
           {"gpu_uuids", lease.gpu_uuids},
           {"gpus", lease.nvml_indices},
           {"reserved", lease.reserved_bytes},

@@ -36,7 +36,9 @@ void print_lease_table(const std::vector<LeaseRecord>& leases, const Snapshot* s
     }
     std::string age = age_text(lease.taken_at_ms);
     if (lease.expires_at_ms) age += "*";  // held by `pick --hold` until its expiry
-    std::printf("  %-18s %-10s %8d %-6s %10s %10s %6s %s\n", lease.id.c_str(), lease.user.c_str(), int(lease.holder_pid),
+    // pid 0 without an expiry: a batch lease whose shepherd has not taken it over yet.
+    const std::string pid = lease.holder_pid == 0 && !lease.expires_at_ms ? "pending" : std::to_string(lease.holder_pid);
+    std::printf("  %-18s %-10s %8s %-6s %10s %10s %6s %s\n", lease.id.c_str(), lease.user.c_str(), pid.c_str(),
                 gpus.c_str(), format_size(lease.reserved_bytes).c_str(),
                 snapshot != nullptr ? format_size(lease.in_use_bytes).c_str() : "?", age.c_str(), lease.command.c_str());
   }
