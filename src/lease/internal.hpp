@@ -38,12 +38,42 @@ Result<LeaseRecord> read_lease_document(const std::string& text);
 // (exposed for the test that checks it agrees with the document parser).
 std::optional<LeaseRecord> read_canonical_lease(std::string_view text);
 
+// A lease file's inode, allocated before the host lock: creating an inode is the slowest step of
+// publishing a lease on some file systems (ext4 without a journal scans its recently deleted
+// inodes on every create), and the lock should not be held for it. An O_TMPFILE file has no name,
+// so no reader can see it until write_lease_file links it, complete and locked; one never used
+// vanishes when closed. Empty (fd -1) where the file system has no O_TMPFILE.
+class PreparedLeaseInode {
+ public:
+  PreparedLeaseInode() = default;
+  explicit PreparedLeaseInode(const std::string& directory);
+  PreparedLeaseInode(PreparedLeaseInode&& other) noexcept : fd_(other.fd_) { other.fd_ = -1; }
+  PreparedLeaseInode& operator=(PreparedLeaseInode&& other) noexcept;
+  PreparedLeaseInode(const PreparedLeaseInode&) = delete;
+  PreparedLeaseInode& operator=(const PreparedLeaseInode&) = delete;
+  ~PreparedLeaseInode();
+  int take() {  // the fd, now the caller's to close
+    const int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+  bool empty() const { return fd_ < 0; }
+
+ private:
+  int fd_ = -1;
+};
+
 // Writes a lease file atomically (temp file + rename, replacing any file of the same id) and
 // returns its fd, flock'ed exclusively *before* it becomes visible, so no reader can ever see it
 // unlocked and think its holder dead. Errc::state on any failure (full disk, permissions), with
 // "cannot <step> lease file in <directory>: <reason>", leaving the temp file removed and any
 // previous file of that id in place.
-Result<int> write_lease_file(const std::string& directory, const LeaseRecord& record, bool lock_it);
+// `prepared`: an inode made earlier by PreparedLeaseInode (nameless, O_TMPFILE), taken over: it
+// is filled, locked and linked into place instead of creating a file now. Where that cannot be
+// done (no O_TMPFILE on this file system, no /proc), the temp file + rename path runs instead.
+Result<int> write_lease_file(const std::string& directory, const LeaseRecord& record, bool lock_it,
+                             PreparedLeaseInode* prepared = nullptr);
+
 
 // True if some process holds an flock on `fd`'s file (probe with a shared, non-blocking lock).
 bool is_locked_by_someone(int fd);
@@ -120,6 +150,7 @@ class LeaseScan {
 struct LedgerView {
   LeaseScan scan;
   ProcessFacts facts;
+  PreparedLeaseInode inode;  // for the lease this step may publish (made by view_before_lock)
 };
 
 // Reads every lease file and the /proc facts their accounting needs (by charging them against

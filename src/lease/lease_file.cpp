@@ -241,8 +241,66 @@ Result<LeaseRecord> read_lease_document(const std::string& text) {
   }
 }
 
-Result<int> write_lease_file(const std::string& directory, const LeaseRecord& record, bool lock_it) {
+PreparedLeaseInode::PreparedLeaseInode(const std::string& directory)
+    : fd_(::open(directory.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0644)) {}
+
+PreparedLeaseInode& PreparedLeaseInode::operator=(PreparedLeaseInode&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = other.fd_;
+    other.fd_ = -1;
+  }
+  return *this;
+}
+
+PreparedLeaseInode::~PreparedLeaseInode() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+namespace {
+
+bool write_text(int fd, const std::string& text) {
+  std::size_t written = 0;
+  while (written < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + written, text.size() - written);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = ENOSPC;
+      return false;
+    }
+    written += std::size_t(n);
+  }
+  return true;
+}
+
+// Fills, locks and names a prepared inode. -1 (and the fd closed) when it cannot be named here;
+// the caller then takes the ordinary path, which reports any real failure.
+int publish_prepared(int fd, const std::string& final_path, const std::string& text, bool lock_it) {
+  ::fchmod(fd, 0644);  // O_TMPFILE's mode went through the umask
+  if ((lock_it && ::flock(fd, LOCK_EX | LOCK_NB) != 0) || !write_text(fd, text)) {
+    ::close(fd);
+    return -1;
+  }
+  // Naming an O_TMPFILE inode through /proc needs no privilege (AT_EMPTY_PATH would). linkat
+  // never replaces: lease ids are fresh, and a reassign (same id) passes no prepared inode.
+  const std::string self = "/proc/self/fd/" + std::to_string(fd);
+  if (::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, final_path.c_str(), AT_SYMLINK_FOLLOW) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+}  // namespace
+
+Result<int> write_lease_file(const std::string& directory, const LeaseRecord& record, bool lock_it,
+                             PreparedLeaseInode* prepared) {
   const std::string final_path = directory + "/lease-" + record.id + ".json";
+  const std::string text = to_json_text(record);
+  if (prepared != nullptr && !prepared->empty()) {
+    const int fd = publish_prepared(prepared->take(), final_path, text, lock_it);
+    if (fd >= 0) return fd;
+  }
   const std::string temp_path = directory + "/.lease-" + record.id + ".tmp";
   auto fail = [&](const std::string& what) -> Result<int> {
     const std::string why = std::strerror(errno);
@@ -256,19 +314,11 @@ Result<int> write_lease_file(const std::string& directory, const LeaseRecord& re
     ::close(fd);
     return fail("lock");
   }
-  const std::string text = to_json_text(record);
-  std::size_t written = 0;
-  while (written < text.size()) {
-    const ssize_t n = ::write(fd, text.data() + written, text.size() - written);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      if (n == 0) errno = ENOSPC;
-      const int saved = errno;
-      ::close(fd);
-      errno = saved;
-      return fail("write");
-    }
-    written += std::size_t(n);
+  if (!write_text(fd, text)) {
+    const int saved = errno;
+    ::close(fd);
+    errno = saved;
+    return fail("write");
   }
   if (::rename(temp_path.c_str(), final_path.c_str()) != 0) {
     const int saved = errno;

@@ -146,7 +146,7 @@ LeaseRecord holder_identity(const ReserveRequest& request) {
 }
 
 LedgerView view_before_lock(const std::string& directory, const Snapshot& snapshot, std::vector<std::string>* warnings) {
-  LedgerView view{LeaseScan(directory), {}};
+  LedgerView view{LeaseScan(directory), {}, PreparedLeaseInode(directory)};
   view.scan.refresh(warnings);
   std::vector<LeaseRecord> leases = view.scan.live();
   charge_leases(leases, snapshot, view.facts);  // for the /proc facts it reads; the result is redone under the lock
@@ -192,7 +192,7 @@ Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request
   record.taken_at_ms = now_ms();
   if (request.hold) record.expires_at_ms = record.taken_at_ms + request.hold->count();
 
-  auto fd = write_lease_file(directory, record, !request.hold.has_value());
+  auto fd = write_lease_file(directory, record, !request.hold.has_value(), &view.inode);
   if (!fd) return make_error(Errc::state, fd.error().message + "; nothing was launched");
   record.path = directory + "/lease-" + record.id + ".json";
   reservation.lease = std::make_unique<HeldLease>(std::move(record), *fd);

@@ -144,7 +144,7 @@ Result<Reservation> Ledger::reserve_waiting(const ReserveRequest& request, const
     std::string pending;
     std::optional<Snapshot> early;
     // Leases read before the lock when the snapshot is (see Ledger::reserve); otherwise under it.
-    LedgerView view{LeaseScan(directory_), {}};
+    LedgerView view{LeaseScan(directory_), {}, {}};
     if (was_first) {
       auto snapshot = snapshot_source();
       if (!snapshot) return std::move(snapshot).error();

@@ -1,9 +1,11 @@
 // Lease files: their JSON form (written by gpuslot, read from anyone's files), and HeldLease::reassign
 // (a scheduler hands its pending lease to the job it spawned).
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -316,6 +318,90 @@ TEST_F(LeaseFileTest, ReassignToAMissingProcessOrOfADetachedLeaseIsRefused) {
   auto released = lease->reassign(::getpid());
   ASSERT_FALSE(released.ok());
   EXPECT_EQ(released.error().code, Errc::state);
+}
+
+}  // namespace
+}  // namespace gpuslot
+
+namespace gpuslot {
+namespace {
+
+using namespace testing_lease;
+
+std::vector<std::string> names_in(const std::filesystem::path& directory) {
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(directory)) names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+LeaseRecord record_with_id(const std::string& id) {
+  LeaseRecord record;
+  record.id = id;
+  record.holder_pid = ::getpid();
+  record.holder_start_ticks = process_start_ticks(::getpid()).value_or(0);
+  record.uid = ::geteuid();
+  record.user = "tester";
+  record.gpu_uuids = {"GPU-0"};
+  record.nvml_indices = {0};
+  record.reserved_bytes = kGiB;
+  record.command = "unit";
+  record.taken_at_ms = lease_internal::now_ms();
+  return record;
+}
+
+TEST_F(LedgerTest, APreparedInodeIsInvisibleUntilPublishedThenComplete0644AndLocked) {
+  const ::mode_t old_umask = ::umask(077);  // the published file is 0644 whatever the umask
+  lease_internal::PreparedLeaseInode inode(directory_.string());
+  ::umask(old_umask);
+  ASSERT_FALSE(inode.empty()) << "this file system has O_TMPFILE (tmpfs, ext4)";
+  EXPECT_TRUE(names_in(directory_).empty()) << "a prepared inode has no name";
+
+  auto fd = lease_internal::write_lease_file(directory_.string(), record_with_id("1-prepared"), /*lock_it=*/true, &inode);
+  ASSERT_TRUE(fd.ok()) << fd.error().message;
+  EXPECT_TRUE(inode.empty()) << "the inode was taken over";
+  const auto path = directory_ / "lease-1-prepared.json";
+  struct stat info {};
+  ASSERT_EQ(::stat(path.c_str(), &info), 0);
+  EXPECT_EQ(info.st_mode & 07777, 0644u);
+  struct stat by_fd {};
+  ASSERT_EQ(::fstat(*fd, &by_fd), 0);
+  EXPECT_EQ(by_fd.st_ino, info.st_ino) << "the published file is the prepared inode";
+  EXPECT_EQ(by_fd.st_nlink, 1u);
+  const int reader = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(reader, 0);
+  EXPECT_TRUE(lease_internal::is_locked_by_someone(reader)) << "locked before it had a name";
+  ::close(reader);
+  Ledger ledger(directory_.string());
+  std::vector<LeaseRecord> live = ledger.live_leases();
+  ASSERT_EQ(live.size(), 1u);
+  EXPECT_EQ(live[0].id, "1-prepared");
+  EXPECT_EQ(live[0].reserved_bytes, kGiB);
+  ::close(*fd);
+  EXPECT_TRUE(ledger.live_leases().empty()) << "closing the holder's fd ends it like any lease";
+}
+
+TEST_F(LedgerTest, AnUnusedPreparedInodeLeavesNothingAndReserveLeavesNoTemporaryFiles) {
+  const std::vector<std::string> before = names_in(directory_);
+  { lease_internal::PreparedLeaseInode unused(directory_.string()); }
+  EXPECT_EQ(names_in(directory_), before);
+
+  Ledger ledger(directory_.string());
+  auto taken = reserve(ledger, 2 * kGiB, one_gpu());
+  ASSERT_TRUE(taken.ok() && taken->lease) << (taken.ok() ? taken->decision.summary : taken.error().message);
+  auto refused = reserve(ledger, 30 * kGiB, one_gpu());  // does not fit: its prepared inode goes unused
+  ASSERT_TRUE(refused.ok());
+  EXPECT_FALSE(refused->lease);
+  EXPECT_EQ(names_in(directory_), std::vector<std::string>{"lease-" + taken->lease->record().id + ".json"});
+}
+
+TEST_F(LedgerTest, WithoutAPreparedInodeTheTemporaryFilePathStillPublishes) {
+  lease_internal::PreparedLeaseInode none;
+  auto fd = lease_internal::write_lease_file(directory_.string(), record_with_id("2-plain"), /*lock_it=*/true, &none);
+  ASSERT_TRUE(fd.ok()) << fd.error().message;
+  EXPECT_TRUE(std::filesystem::exists(directory_ / "lease-2-plain.json"));
+  EXPECT_FALSE(std::filesystem::exists(directory_ / ".lease-2-plain.tmp"));
+  ::close(*fd);
 }
 
 }  // namespace
