@@ -51,7 +51,17 @@ struct Sample {
   std::int64_t total_ns = -1;  // the whole reserve step; -1: failed
   std::int64_t wait_ns = -1;   // split mode: lock requested -> acquired
   std::int64_t hold_ns = -1;   // split mode: lock acquired -> released (lease published)
+  // CPU time of this process (CLOCK_PROCESS_CPUTIME_ID): the whole step, and in split mode its
+  // parts — what 64 launches on 2 cores must share, however short the lock.
+  std::int64_t cpu_ns = -1;
+  std::int64_t cpu_snapshot_ns = -1, cpu_scan_ns = -1, cpu_locked_ns = -1;
 };
+
+std::int64_t cpu_now_ns() {
+  timespec now{};
+  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
+  return std::int64_t(now.tv_sec) * 1000000000 + now.tv_nsec;
+}
 
 std::int64_t now_ns() {
   timespec now{};
@@ -123,11 +133,13 @@ struct Pipes {
 
   std::unique_ptr<HeldLease> lease;
   const std::int64_t start = now_ns();
+  const std::int64_t cpu_start = cpu_now_ns();
   if (!split) {
     auto reserved = ledger.reserve(request, snapshot_source, visibility_of, &warnings);
     const std::int64_t end = now_ns();
     if (reserved && reserved->lease) {
       sample.total_ns = end - start;
+      sample.cpu_ns = cpu_now_ns() - cpu_start;
       lease = std::move(reserved->lease);
     }
   } else {
@@ -135,25 +147,33 @@ struct Pipes {
     // Exactly the steps of Ledger::reserve (ledger.cpp), with clocks between them.
     using namespace lease_internal;
     auto snapshot = snapshot_source();
+    const std::int64_t cpu_snapshot = cpu_now_ns();
     if (snapshot) {
       const LeaseRecord identity = holder_identity(request);
-      std::int64_t requested = 0, acquired = 0, released = 0;
+      std::int64_t requested = 0, acquired = 0, released = 0, cpu_scanned = 0, cpu_acquired = 0, cpu_released = 0;
       {
         LedgerView view = view_before_lock(state_dir, *snapshot, &warnings);
+        cpu_scanned = cpu_now_ns();
         requested = now_ns();
         {
           auto lock = HostLock::acquire(state_dir);
           acquired = now_ns();
+          cpu_acquired = cpu_now_ns();
           if (lock) {
             auto reserved = reserve_locked(ledger, request, identity, std::move(*snapshot), visibility_of, true, view, &warnings);
             if (reserved && reserved->lease) lease = std::move(reserved->lease);
           }
         }
         released = now_ns();
+        cpu_released = cpu_now_ns();
       }  // the view's open lease files are closed here, after the lock, as in Ledger::reserve
       const std::int64_t end = now_ns();
       if (lease) {
         sample.total_ns = end - start;
+        sample.cpu_ns = cpu_now_ns() - cpu_start;
+        sample.cpu_snapshot_ns = cpu_snapshot - cpu_start;
+        sample.cpu_scan_ns = cpu_scanned - cpu_snapshot;
+        sample.cpu_locked_ns = cpu_released - cpu_acquired;
         sample.wait_ns = acquired - requested;
         sample.hold_ns = released - acquired;
       }
@@ -315,8 +335,9 @@ int main(int argc, char** argv) {
 
   std::printf("bench_reserve: host %s, %d+ samples per N, load average at start %s\n\n", host.c_str(), samples_wanted,
               load_average().c_str());
-  std::printf("| mode | concurrent | rounds | samples | reserve step ms, median / p99 | lock wait ms | lock held ms |\n");
-  std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
+  std::printf("| mode | concurrent | rounds | samples | reserve step ms, median / p99 | lock wait ms | lock held ms "
+              "| CPU ms, median: step (snapshot + scan + locked) |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
   std::fflush(stdout);
   int status = 0;
   for (const bool split : {false, true}) {
@@ -337,9 +358,21 @@ int main(int argc, char** argv) {
           break;
         }
       }
-      std::printf("| %s | %d | %d | %zu | %s | %s | %s |\n", split ? "split" : "`Ledger::reserve`", n, rounds, samples.size(),
+      auto cpu_median = [&samples](std::int64_t Sample::*field) {
+        std::vector<std::int64_t> values;
+        for (const auto& sample : samples) values.push_back(sample.*field);
+        return median_ms(values);
+      };
+      char cpu[96];
+      if (split) {
+        std::snprintf(cpu, sizeof cpu, "%.3f (%.3f + %.3f + %.3f)", cpu_median(&Sample::cpu_ns), cpu_median(&Sample::cpu_snapshot_ns),
+                      cpu_median(&Sample::cpu_scan_ns), cpu_median(&Sample::cpu_locked_ns));
+      } else {
+        std::snprintf(cpu, sizeof cpu, "%.3f", cpu_median(&Sample::cpu_ns));
+      }
+      std::printf("| %s | %d | %d | %zu | %s | %s | %s | %s |\n", split ? "split" : "`Ledger::reserve`", n, rounds, samples.size(),
                   summary(samples, &Sample::total_ns).c_str(), split ? summary(samples, &Sample::wait_ns).c_str() : "",
-                  split ? summary(samples, &Sample::hold_ns).c_str() : "");
+                  split ? summary(samples, &Sample::hold_ns).c_str() : "", cpu);
       std::fflush(stdout);
     }
   }
