@@ -134,13 +134,13 @@ struct BatchOptions {
   std::string jobs_source;           // the jobs file as given ("-" for stdin), recorded
   std::uint64_t jobs_hash = 0;       // of its text: --resume refuses a changed file
   Strategy strategy = Strategy::pack;
-  JobOrder order = JobOrder::largest_first;
+  std::optional<JobOrder> order;     // unset: what the journal recorded, else largest_first
   std::vector<std::string> exclude;
   ExportFormat export_format = ExportFormat::index;
   std::vector<int> oom_exit_codes;   // exit codes that mean out of memory (--oom-exit-code)
   unsigned max_running = 0;          // 0: as many as fit
   std::chrono::milliseconds poll_interval{250};  // memory freed outside gpuslot
-  std::chrono::milliseconds oom_backoff{500};    // doubled per out-of-memory failure of a job
+  std::chrono::milliseconds oom_backoff{500};    // before a retry; doubled per further failure of the job
 };
 
 // What the scheduler reports as it goes (the CLI prints it).

@@ -351,7 +351,7 @@ void run_batch_command(Context& context, const BatchCliOptions& options) {
   batch.export_format = options.export_format == "uuid" ? ExportFormat::uuid : ExportFormat::index;
   batch.oom_exit_codes = options.oom_exit_codes;
   batch.max_running = options.max_running;
-  batch.order = options.order == "file" ? JobOrder::file : JobOrder::largest_first;
+  if (!options.order.empty()) batch.order = options.order == "file" ? JobOrder::file : JobOrder::largest_first;
 
   Printer printer(::isatty(STDERR_FILENO) == 1 && !options.json, slurm);
   std::fprintf(stderr, "batch: %zu jobs from %s; journal %s%s\n", parsed->size(),

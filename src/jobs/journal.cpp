@@ -1,6 +1,7 @@
 // journal.cpp — SQLite journal of a batch.
 #include "jobs/journal.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <malloc.h>
 #include <sys/stat.h>
@@ -362,20 +363,50 @@ Result<void> index_jobs(OpenedBatch& batch, const std::vector<std::string>& name
   return {};
 }
 
-// `logs_existed`: the logs folder was there before this start. A scheduler creates it before it
-// writes the journal, so a folder without a journal is a start that was stopped (kill -9, a full
-// disk) before its journal existed: nothing of that batch ran, and --resume starts it afresh.
+// True when `logs_dir` holds nothing but the scheduler lock: what a start leaves when it is
+// stopped (kill -9, a full disk) after making the folder and before its journal existed. Any
+// other file there belongs to a batch that ran.
+bool holds_only_the_scheduler_lock(const std::string& logs_dir) {
+  DIR* directory = ::opendir(logs_dir.c_str());
+  if (directory == nullptr) return false;
+  bool only_lock = true;
+  while (const dirent* entry = ::readdir(directory)) {
+    const std::string name = entry->d_name;
+    if (name != "." && name != ".." && name != "scheduler.lock") only_lock = false;
+  }
+  ::closedir(directory);
+  return only_lock;
+}
+
+// The order queued jobs are offered room: the flag when given, else what the journal recorded
+// when the batch started (so a resumed batch keeps its order), else largest first.
+JobOrder order_of(const BatchOptions& options, const std::string& recorded) {
+  if (options.order) return *options.order;
+  return recorded == "file" ? JobOrder::file : JobOrder::largest_first;
+}
+
+// `logs_existed`: the logs folder was there before this start. --resume without a journal starts
+// the batch afresh only when that folder holds nothing but the scheduler lock: a start stopped
+// before its journal existed, so nothing of that batch ran. Anything else (a journal moved away,
+// a mistyped --journal that shares the logs folder of another) is refused.
 Result<void> open_or_create(OpenedBatch& batch, const std::vector<JobSpec>& specs, const BatchOptions& options,
                             bool logs_existed) {
   const std::string executor = executor_name(options.executor);
   struct stat journal_info {};
-  const bool unjournaled_start =
-      options.resume && logs_existed && ::lstat(options.journal_path.c_str(), &journal_info) != 0 && errno == ENOENT;
-  if (!options.resume || unjournaled_start) {
+  const bool no_journal = ::lstat(options.journal_path.c_str(), &journal_info) != 0 && errno == ENOENT;
+  if (options.resume && no_journal && !(logs_existed && holds_only_the_scheduler_lock(batch.logs_dir))) {
+    return make_error(Errc::bad_input, "no journal at " + quote_for_message(options.journal_path) + ", but its logs folder " +
+                                           quote_for_message(batch.logs_dir) +
+                                           " holds files of a batch that ran; nothing to resume (pass the journal that "
+                                           "batch wrote, or --journal NEW without --resume to start afresh)");
+  }
+  if (!options.resume || no_journal) {
     const double created_at = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    batch.order = order_of(options, "");
     auto created = Journal::create(options.journal_path, specs, options.jobs_source, options.jobs_hash,
                                    {{"executor", executor}, {"batch_id", new_batch_id()},
-                                    {"created_at", std::to_string(std::int64_t(created_at))}});
+                                    {"created_at", std::to_string(std::int64_t(created_at))},
+                                    {"order", batch.order == JobOrder::file ? "file" : "largest-first"}});
     if (!created) return created.error();
     batch.journal.emplace(std::move(*created));
     return {};
@@ -387,6 +418,7 @@ Result<void> open_or_create(OpenedBatch& batch, const std::vector<JobSpec>& spec
     return error;
   }
   batch.journal.emplace(std::move(*opened));
+  batch.order = order_of(options, batch.journal->meta("order"));
   if (batch.journal->meta("jobs_hash") != std::to_string(options.jobs_hash)) {
     return make_error(Errc::bad_input, "the jobs file differs from the one journal " + quote_for_message(options.journal_path) +
                                            " was made from; resume with the same file, or start a new journal");

@@ -61,6 +61,7 @@ struct OpenedBatch {
   std::map<std::string, std::vector<std::size_t>> groups;             // members in file order
   std::string logs_dir;
   int lock_fd = -1;  // the scheduler lock (<logs>/scheduler.lock); the caller closes it when done
+  JobOrder order = JobOrder::largest_first;  // BatchOptions::order, else the journal's
 };
 
 // `specs` are freed once they are in the journal, before the journal's records are loaded, so

@@ -76,7 +76,10 @@ BatchEvent::Kind settle_attempt(JobStatus& job, const AttemptEnd& end, const Bat
   }
   ++job.other_failures;
   if (job.other_failures <= job.spec.failure_retries) {
+    // The same back-off as out of memory: a crashing job does not spend its retries at once.
     job.state = JobState::queued;
+    job.not_before = unix_now() + double(options.oom_backoff.count()) / 1000.0 *
+                                      double(1u << std::min(job.other_failures - 1, 6u));
     job.reason = "failed (" + how + "); retry " + std::to_string(job.other_failures) + " of " +
                  std::to_string(job.spec.failure_retries);
     return BatchEvent::Kind::failure_requeued;

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <tuple>
 #include <set>
 #include <unordered_map>
 
@@ -93,6 +94,17 @@ class Scheduler {
     groups_ = std::move(opened->groups);
     logs_dir_ = std::move(opened->logs_dir);
     logs_lock_fd_ = opened->lock_fd;
+    order_ = opened->order;
+    // A group is offered room as one unit, at its largest member's size and its first member's
+    // place, so its anchor (the first member) starts before the rest ask for its GPU.
+    for (const auto& [name, members] : groups_) {
+      OfferKey key{0, 0, members.front()};
+      for (std::size_t member : members) {
+        const OfferKey own = own_key(member);
+        if (std::tie(own.gpus, own.size) > std::tie(key.gpus, key.size)) std::tie(key.gpus, key.size) = std::tie(own.gpus, own.size);
+      }
+      group_keys_.emplace(name, key);
+    }
     for (std::size_t i = 0; i < jobs_.size(); ++i) {
       if (terminal(i)) ++finished_;
       if (jobs_[i].state == JobState::succeeded) ++succeeded_;
@@ -287,14 +299,28 @@ class Scheduler {
   }
 
   // --- placement -------------------------------------------------------------------------------
-  // Whether queued job `a` is offered the free room before `b` (BatchOptions::order).
+  // Whether queued job `a` is offered the free room before `b` (BatchOptions::order): largest
+  // first (more GPUs, then whole GPUs, then more memory), a group as one unit, then file order.
+  struct OfferKey {
+    unsigned gpus;
+    std::uint64_t size;
+    std::size_t place;  // file position (a group's: its first member's)
+  };
+  OfferKey own_key(std::size_t index) const {
+    const JobSpec& job = jobs_[index].spec;
+    return {job.gpus, job.exclusive ? UINT64_MAX : job.memory_bytes, index};
+  }
+  OfferKey offer_key(std::size_t index) const {
+    const std::string& group = jobs_[index].spec.group;
+    return group.empty() ? own_key(index) : group_keys_.at(group);
+  }
   bool offered_before(std::size_t a, std::size_t b) const {
-    if (options_.order == JobOrder::largest_first) {
-      const JobSpec& x = jobs_[a].spec;
-      const JobSpec& y = jobs_[b].spec;
-      const auto size = [](const JobSpec& job) { return job.exclusive ? UINT64_MAX : job.memory_bytes; };
+    if (order_ == JobOrder::largest_first) {
+      const OfferKey x = offer_key(a);
+      const OfferKey y = offer_key(b);
       if (x.gpus != y.gpus) return x.gpus > y.gpus;
-      if (size(x) != size(y)) return size(x) > size(y);
+      if (x.size != y.size) return x.size > y.size;
+      if (x.place != y.place) return x.place < y.place;
     }
     return a < b;
   }
@@ -595,6 +621,8 @@ class Scheduler {
   std::unordered_map<std::size_t, std::vector<std::uint32_t>> after_;  // jobs with `after`: what they wait for
   std::map<std::string, std::vector<std::size_t>> groups_;
   std::vector<std::size_t> queue_;  // queued jobs, in the order they are offered room (offered_before)
+  JobOrder order_ = JobOrder::largest_first;
+  std::map<std::string, OfferKey> group_keys_;
   std::map<pid_t, Attempt> running_;
   std::vector<Attempt> adopted_;
   std::size_t running_count_ = 0;

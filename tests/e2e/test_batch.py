@@ -91,6 +91,24 @@ def test_resume_of_a_start_killed_before_its_journal_existed_runs_the_batch(gpus
     assert (tmp_path / "marks").read_text().split().count("one") == 1, "a finished batch is not run again"
 
 
+def test_resume_without_its_journal_never_reruns_a_batch_that_ran(gpuslot, host, tmp_path):
+    machine = host("4x24g")
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("echo ran >> %s/marks\n" % tmp_path)
+    # `--journal run.db` and `--journal run` share the logs folder run.logs: a typo must not
+    # take the other batch's folder for a start that never got to write its journal.
+    gpuslot("batch", jobs, "--journal", tmp_path / "run.db", host=machine, check=0)
+    typo = gpuslot("batch", jobs, "--resume", "--journal", tmp_path / "run", host=machine, check=2)
+    assert "holds files of a batch that ran; nothing to resume" in typo.stderr, typo.stderr
+    assert [line for line in typo.stderr.splitlines() if line.startswith("gpuslot:")] == [typo.stderr.strip().splitlines()[-1]]
+    # Nor a journal moved away from its logs.
+    os.rename(tmp_path / "run.db", tmp_path / "elsewhere.db")
+    moved = gpuslot("batch", jobs, "--resume", "--journal", tmp_path / "run.db", host=machine, check=2)
+    assert "nothing to resume" in moved.stderr
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "run.db")
+    assert (tmp_path / "marks").read_text().split() == ["ran"]
+
+
 def test_journal_errors_are_one_line_with_distinct_exit_codes(gpuslot, host, tmp_path):
     machine = host("4x24g")
     jobs = tmp_path / "jobs.txt"
@@ -162,6 +180,48 @@ def test_largest_jobs_are_offered_room_first_and_order_file_keeps_file_order(gpu
     assert "invalid --order 'random': expected largest-first or file" in bad.stderr
     slurm = gpuslot("batch", jobs, "--order", "file", "--executor", "slurm", host=machine, check=2)
     assert "--order cannot be used with --executor slurm" in slurm.stderr
+
+
+def test_a_group_is_offered_room_as_one_unit_so_its_big_member_is_not_crowded_out(gpuslot, host, tmp_path):
+    # One 24 GiB GPU. The group's anchor needs 4 GiB, its second member 18 GiB; three 6 GiB jobs
+    # follow. Offered as a unit at 18 GiB, both members start together; offered alone, the 18 GiB
+    # member would wait for its anchor while the small jobs filled the GPU around it.
+    machine = host("1x4090")
+    jobs = write_jobs(tmp_path / "jobs.jsonl",
+                      [{"name": "anchor", "cmd": "sleep 0.5", "mem": "4G", "group": "g"},
+                       {"name": "big", "cmd": "sleep 0.5", "mem": "18G", "group": "g"}] +
+                      [{"name": "small%d" % i, "cmd": "sleep 0.5", "mem": "6G"} for i in range(3)])
+    gpuslot("batch", jobs, host=machine, check=0)
+    found = status(gpuslot, str(jobs) + ".gpuslot.db", machine)
+    for name in ("small0", "small1", "small2"):
+        assert found["big"]["started_at"] < found[name]["started_at"], found
+        assert found["anchor"]["started_at"] < found[name]["started_at"], found
+
+
+def test_a_resumed_batch_keeps_the_order_it_started_with(gpuslot, host, tmp_path, spawn):
+    import sqlite3
+    machine = host("1x4090")
+    logs = tmp_path / "jobs.jsonl.gpuslot.logs"
+    trap = "trap 'exit 130' INT; echo ready; sleep 5 & wait"
+    jobs = write_jobs(tmp_path / "jobs.jsonl",
+                      [{"name": "small%d" % i, "cmd": trap, "mem": "6G"} for i in range(3)] +
+                      [{"name": "big", "cmd": "true", "mem": "20G"}])
+    batch = spawn("batch", jobs, "--order", "file", host=machine)
+    wait_until(lambda: all((logs / ("small%d.1.out" % i)).exists() and "ready" in (logs / ("small%d.1.out" % i)).read_text()
+                           for i in range(3)), what="three small jobs running")
+    batch.send_signal(signal.SIGINT)
+    assert batch.wait(timeout=20) == 130
+    journal = str(jobs) + ".gpuslot.db"
+    with sqlite3.connect(journal) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'order'").fetchone() == ("file",)
+    for i in range(3):
+        (logs / ("small%d.1.out" % i)).unlink()
+    resumed = spawn("batch", jobs, "--resume", host=machine)  # no --order: the journal's
+    wait_until(lambda: all((logs / ("small%d.2.out" % i)).exists() for i in range(3)), what="small jobs started again")
+    found = status(gpuslot, journal, machine)
+    assert found["big"]["state"] == "queued", "file order: the small jobs first, as when the batch started"
+    resumed.send_signal(signal.SIGINT)
+    assert resumed.wait(timeout=20) == 130
 
 
 def test_batch_waits_for_a_run_lease_and_starts_when_it_is_released(gpuslot, host, tmp_path, spawn):
