@@ -276,8 +276,8 @@ bool write_text(int fd, const std::string& text) {
 // Fills, locks and names a prepared inode. -1 (and the fd closed) when it cannot be named here;
 // the caller then takes the ordinary path, which reports any real failure.
 int publish_prepared(int fd, const std::string& final_path, const std::string& text, bool lock_it) {
-  ::fchmod(fd, 0644);  // O_TMPFILE's mode went through the umask
-  if ((lock_it && ::flock(fd, LOCK_EX | LOCK_NB) != 0) || !write_text(fd, text)) {
+  // O_TMPFILE's mode went through the umask; a lease others cannot read would not count for them.
+  if (::fchmod(fd, 0644) != 0 || (lock_it && ::flock(fd, LOCK_EX | LOCK_NB) != 0) || !write_text(fd, text)) {
     ::close(fd);
     return -1;
   }
@@ -309,7 +309,13 @@ Result<int> write_lease_file(const std::string& directory, const LeaseRecord& re
   };
   const int fd = ::open(temp_path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
   if (fd < 0) return fail("create");
-  ::fchmod(fd, 0644);  // readable by everyone (status, leases), writable by the holder alone
+  // Readable by everyone (status, leases, every other launch's count), writable by the holder alone.
+  if (::fchmod(fd, 0644) != 0) {
+    const int saved = errno;
+    ::close(fd);
+    errno = saved;
+    return fail("set the mode of");
+  }
   if (lock_it && ::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     ::close(fd);
     return fail("lock");
