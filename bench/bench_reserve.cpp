@@ -57,17 +57,13 @@ struct Sample {
   std::int64_t cpu_snapshot_ns = -1, cpu_scan_ns = -1, cpu_locked_ns = -1;
 };
 
-std::int64_t cpu_now_ns() {
+std::int64_t clock_ns(clockid_t clock) {
   timespec now{};
-  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
+  ::clock_gettime(clock, &now);
   return std::int64_t(now.tv_sec) * 1000000000 + now.tv_nsec;
 }
-
-std::int64_t now_ns() {
-  timespec now{};
-  ::clock_gettime(CLOCK_MONOTONIC, &now);
-  return std::int64_t(now.tv_sec) * 1000000000 + now.tv_nsec;
-}
+std::int64_t now_ns() { return clock_ns(CLOCK_MONOTONIC); }
+std::int64_t cpu_now_ns() { return clock_ns(CLOCK_PROCESS_CPUTIME_ID); }  // this (single-threaded) worker
 
 bool write_all(int fd, const void* data, std::size_t size) {
   const char* bytes = static_cast<const char*>(data);

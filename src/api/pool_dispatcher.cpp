@@ -299,16 +299,20 @@ void WorkerPool::Impl::attempt_failed(Worker& worker, const std::string& why, co
   finish_locked(task, std::move(result));
 }
 
-void WorkerPool::Impl::cancel_running(Worker& worker) {
+void WorkerPool::Impl::finish_running(Worker& worker, TaskResult result) {
   if (!worker.task) return;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = tasks.find(*worker.task);
   worker.task.reset();
   if (it == tasks.end()) return;
+  finish_locked(it->second, std::move(result));
+}
+
+void WorkerPool::Impl::cancel_running(Worker& worker) {
   TaskResult result;
   result.status = TaskResult::Status::cancelled;
   result.message = kClosedMessage;
-  finish_locked(it->second, std::move(result));
+  finish_running(worker, std::move(result));
 }
 
 void WorkerPool::Impl::handle_frame(std::size_t slot, Frame frame) {
@@ -339,15 +343,10 @@ void WorkerPool::Impl::handle_frame(std::size_t slot, Frame frame) {
     case FrameKind::succeeded: {
       worker.state = Worker::State::idle;
       ++worker.done;
-      if (!worker.task) return;
-      std::lock_guard<std::mutex> lock(mutex);
-      auto it = tasks.find(*worker.task);
-      worker.task.reset();
-      if (it == tasks.end()) return;
       TaskResult result;
       result.status = TaskResult::Status::succeeded;
       result.payload = std::move(frame.payload);
-      finish_locked(it->second, std::move(result));
+      finish_running(worker, std::move(result));
       return;
     }
     case FrameKind::failed: {

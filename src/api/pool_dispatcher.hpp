@@ -139,6 +139,8 @@ struct WorkerPool::Impl {
   void attempt_failed(Worker& worker, const std::string& why, const std::string& message, std::string payload, bool retry);
   // The worker's task will not finish: the pool is closing.
   void cancel_running(Worker& worker);
+  // Ends the task `worker` is running (if it still exists) with `result`; the worker is free.
+  void finish_running(Worker& worker, TaskResult result);
   void handle_frame(std::size_t slot, Frame frame);
   // Reaps a worker whose socket closed; returns how it ended.
   std::string reap(Worker& worker);

@@ -412,11 +412,7 @@ Result<void> open_or_create(OpenedBatch& batch, const std::vector<JobSpec>& spec
     return {};
   }
   auto opened = Journal::open(options.journal_path, /*read_only=*/false);
-  if (!opened) {
-    Error error = opened.error();
-    if (error.message.rfind("no journal at", 0) == 0) error.message += "; nothing to resume (run without --resume to start)";
-    return error;
-  }
+  if (!opened) return opened.error();
   batch.journal.emplace(std::move(*opened));
   batch.order = order_of(options, batch.journal->meta("order"));
   if (batch.journal->meta("jobs_hash") != std::to_string(options.jobs_hash)) {

@@ -46,13 +46,19 @@ write_host_fixture = e2e.write_host_fixture  # the `write_host` fixture
 write_host, read_host, read_text, wait_until = e2e.write_host, e2e.read_host, e2e.read_text, e2e.wait_until
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
+def skip_unless_slurm_can_run():
+    """Skips the test with the reason Slurm cannot run here (not root, not installed) — or fails
+    it where the suite requires Slurm (GPUSLOT_REQUIRE_SLURM=1, set by test-all.sh as root)."""
     reason = unavailable_reason()
     if reason:
         if os.environ.get("GPUSLOT_REQUIRE_SLURM") == "1":
             pytest.fail("GPUSLOT_REQUIRE_SLURM=1 but " + reason)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    skip_unless_slurm_can_run()
     cluster = SlurmCluster(tempfile.mkdtemp(prefix="gpuslot-slurm-", dir="/tmp"))
     try:
         cluster.start()

@@ -14,8 +14,8 @@ import tempfile
 
 import pytest
 
-from conftest import read_text
-from slurm_cluster import SlurmCluster, SlurmStartError, unavailable_reason
+from conftest import read_text, skip_unless_slurm_can_run
+from slurm_cluster import SlurmCluster, SlurmStartError
 
 # Run inside the job: the node's devices it may open, as a host file NVML would describe.
 NVML_VIEW = r"""
@@ -39,11 +39,7 @@ print(" ".join(seen))
 
 @pytest.fixture(scope="module")
 def cgroup_cluster():
-    reason = unavailable_reason()
-    if reason:
-        if os.environ.get("GPUSLOT_REQUIRE_SLURM") == "1":
-            pytest.fail("GPUSLOT_REQUIRE_SLURM=1 but " + reason)
-        pytest.skip(reason)
+    skip_unless_slurm_can_run()
     cluster = SlurmCluster(tempfile.mkdtemp(prefix="gpuslot-slurm-cg-", dir="/tmp"), cgroup=True)
     try:
         cluster.start()
