@@ -113,7 +113,8 @@ enum class BatchExecutor { local, slurm };
 // default) is first-fit decreasing: jobs needing more GPUs, then whole GPUs (exclusive), then more
 // memory go first and smaller jobs fill the gaps they leave, which packs mixed sizes far better
 // than file order (bench/README.md, "Batch"). Ties, and jobs of equal size such as the chunks of
-// one long job, keep file order. `after` and `group` constrain either order.
+// one long job, keep file order; a group goes as one unit, at its largest member's size, its first
+// member first. `after` constrains either order. The journal records the order; --resume keeps it.
 enum class JobOrder { largest_first, file };
 
 // How a batch is sent to Slurm (BatchExecutor::slurm).
