@@ -34,7 +34,7 @@
 
 namespace gpuslot {
 
-// One reservation as stored in its file (lease-<id>.json).
+// One reservation as stored in its file (lease-<id>….json in the state directory).
 struct LeaseRecord {
   std::string id;
   pid_t holder_pid = 0;  // 0: pending, no holder process yet (ReserveRequest::holder_pending)

@@ -3,11 +3,14 @@
 
 #include <sys/types.h>
 
+#include <array>
+#include <cstdint>
 #include <map>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "gpuslot/error.hpp"
@@ -28,6 +31,26 @@ class HostLock {
   int fd_ = -1;
 };
 
+// A lease's file name: "lease-<id>.json", and where the record has GPUs, what it reserves too:
+// "lease-<id>.r<bytes on each GPU>.g<NVML index>-<uuid_tag>[.g…].json". That lets a launch
+// charge a lease published while it waited for the host lock from the name its readdir already
+// gave, without opening the file (see LeaseScan::refresh). Names longer than
+// kLongestChargedName (many GPUs) fall back to the plain form. Only the holder can create or
+// rename its file in the sticky state directory, so a name claims no more than its contents.
+inline constexpr std::size_t kLongestChargedName = 240;
+std::string lease_file_name(const LeaseRecord& record);
+// 8 hex digits naming a GPU UUID in a file name (a check that the index still means that GPU).
+std::string uuid_tag(std::string_view uuid);
+struct NamedCharge {
+  static constexpr std::size_t kMostGpus = 24;  // more than a name of kLongestChargedName can hold
+  std::string_view id;                          // these views are into the name parsed
+  std::uint64_t reserved_bytes = 0;
+  std::size_t gpu_count = 0;
+  std::array<std::pair<unsigned, std::string_view>, kMostGpus> gpus{};  // NVML index, uuid_tag
+};
+// What a charged name says; nullopt for a plain or malformed name.
+std::optional<NamedCharge> charge_from_name(std::string_view name);
+
 // Serialises a record to its file's JSON text and back. Parsing rejects anything incomplete.
 std::string to_json_text(const LeaseRecord& record);
 Result<LeaseRecord> from_json_text(const std::string& text);
@@ -42,7 +65,8 @@ std::optional<LeaseRecord> read_canonical_lease(std::string_view text);
 // publishing a lease on some file systems (ext4 without a journal scans its recently deleted
 // inodes on every create), and the lock should not be held for it. An O_TMPFILE file has no name,
 // so no reader can see it until write_lease_file links it, complete and locked; one never used
-// vanishes when closed. Empty (fd -1) where the file system has no O_TMPFILE.
+// vanishes when closed. It is made 0644 and flock'ed here too. Empty (fd -1) where the file system
+// has no O_TMPFILE or either step fails.
 class PreparedLeaseInode {
  public:
   PreparedLeaseInode() = default;
@@ -106,6 +130,7 @@ class ProcessFacts {
 
 // Outstanding bytes per NVML index, filling each record's in_use_bytes (Ledger::outstanding with
 // the /proc facts supplied by the caller).
+OutstandingReservations charge_leases(const std::vector<LeaseRecord*>& leases, const Snapshot& snapshot, ProcessFacts& facts);
 OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Snapshot& snapshot, ProcessFacts& facts);
 
 // The lease files of a state directory, remembered between two looks so that the second one only
@@ -124,11 +149,26 @@ class LeaseScan {
   // Lists the directory and reads the files that need it (see above). Warnings (corrupt or
   // unsafe files) are given only for files read by this call, so one file is warned about once.
   // Dead holders' and expired leases are removed where this user may.
-  void refresh(std::vector<std::string>* warnings);
-  // The live leases as of the latest refresh, oldest first.
-  std::vector<LeaseRecord> live() const;
-  // Lease files read so far (tests check what the locked pass reads).
+  // `published_after`: a snapshot taken before this scan's previous refresh. A name that refresh
+  // did not list is a lease taken after that snapshot, for memory its holder has yet to use, so
+  // it is charged in full: when its name says what it reserves (lease_file_name) on GPUs the
+  // snapshot still has at those indices, that goes to charged_by_name() and the file is not
+  // opened. Neither is its holder asked for, nor whether it is alive. Both err on the safe side
+  // only: a lease that just died still counts (as above), and a holder that already used a GPU
+  // when it took another lease there has that memory counted twice, until a later look reads
+  // the file. Such names are not remembered: a later refresh reads them. A name listed before
+  // with another inode (replaced by HeldLease::reassign) is read, so its new holder is credited.
+  void refresh(std::vector<std::string>* warnings, const Snapshot* published_after = nullptr);
+  // What the latest refresh charged from names, by NVML index: bytes, in full.
+  const OutstandingReservations& charged_by_name() const { return charged_by_name_; }
+  // The live leases as of the latest refresh, oldest first: copies, or the scan's own records
+  // (valid until the next refresh; charge_leases fills their in_use_bytes).
+  std::vector<LeaseRecord> live();
+  std::vector<LeaseRecord*> live_records();
+  // Lease files read so far, and leases charged from their names (tests check what the locked
+  // pass reads).
   std::size_t files_read() const { return files_read_; }
+  std::size_t names_charged() const { return names_charged_; }
 
  private:
   struct Seen {
@@ -139,11 +179,15 @@ class LeaseScan {
     ino_t inode = 0;                    // as the listing gave it
     std::optional<LeaseRecord> record;  // nullopt: dead, corrupt or unsafe — settled, not re-read
     int pin = -1;                       // a live lease's file, kept open so its inode stays its own
+    std::uint64_t listed_in = 0;        // the refresh that last listed this name
   };
   std::string directory_;
-  std::map<std::string, Seen> seen_;  // by file name
+  std::map<std::string, Seen, std::less<>> seen_;  // by file name
+  std::uint64_t generation_ = 0;                   // refreshes so far
   std::size_t pinned_ = 0;
   std::size_t files_read_ = 0;
+  std::size_t names_charged_ = 0;
+  OutstandingReservations charged_by_name_;
 };
 
 // What select-and-reserve reads before the host lock, against the snapshot it will decide on.
@@ -151,6 +195,7 @@ struct LedgerView {
   LeaseScan scan;
   ProcessFacts facts;
   PreparedLeaseInode inode;  // for the lease this step may publish (made by view_before_lock)
+  bool scanned_after_snapshot = false;  // view_before_lock read the leases after the snapshot it decides on
 };
 
 // Reads every lease file and the /proc facts their accounting needs (by charging them against
@@ -169,6 +214,10 @@ LeaseRecord holder_identity(const ReserveRequest& request);
 Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request, const LeaseRecord& identity,
                                    Snapshot snapshot, const VisibilityOf& visibility_of, bool take,
                                    LedgerView& view, std::vector<std::string>* warnings);
+
+// a + b, or the largest value where that overflows: a lease file claiming absurd sizes must not
+// wrap a GPU's total round to a small number.
+inline std::uint64_t add_saturating(std::uint64_t a, std::uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; }
 
 // New random lease id: "<pid>-<8 hex>".
 std::string new_lease_id();

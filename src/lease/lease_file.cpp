@@ -36,6 +36,80 @@ std::string new_lease_id() {
   return buffer;
 }
 
+std::string uuid_tag(std::string_view uuid) {
+  std::uint32_t hash = 2166136261u;  // FNV-1a: a short, stable tag, not a secret
+  for (const char c : uuid) hash = (hash ^ std::uint8_t(c)) * 16777619u;
+  char buffer[9];
+  std::snprintf(buffer, sizeof buffer, "%08x", unsigned(hash));
+  return buffer;
+}
+
+std::string lease_file_name(const LeaseRecord& record) {
+  std::string name = "lease-" + record.id;
+  const std::string plain = name + ".json";
+  if (record.gpu_uuids.empty() || record.gpu_uuids.size() != record.nvml_indices.size()) return plain;
+  name += ".r" + std::to_string(record.reserved_bytes);
+  for (std::size_t i = 0; i < record.gpu_uuids.size(); ++i) {
+    name += ".g" + std::to_string(record.nvml_indices[i]) + "-" + uuid_tag(record.gpu_uuids[i]);
+  }
+  name += ".json";
+  return name.size() <= kLongestChargedName ? name : plain;
+}
+
+namespace {
+
+// Digits only, no sign, no leading zero unless "0", and within `most`.
+bool parse_count(std::string_view digits, std::uint64_t most, std::uint64_t& value) {
+  if (digits.empty() || digits.size() > 20 || (digits.size() > 1 && digits[0] == '0')) return false;
+  value = 0;
+  for (const char c : digits) {
+    if (c < '0' || c > '9') return false;
+    const std::uint64_t digit = std::uint64_t(c - '0');
+    if (value > (most - digit) / 10) return false;
+    value = value * 10 + digit;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::optional<NamedCharge> charge_from_name(std::string_view name) {
+  constexpr std::string_view kPrefix = "lease-", kSuffix = ".json";
+  if (name.size() <= kPrefix.size() + kSuffix.size() || name.substr(0, kPrefix.size()) != kPrefix ||
+      name.substr(name.size() - kSuffix.size()) != kSuffix) {
+    return std::nullopt;
+  }
+  std::string_view rest = name.substr(kPrefix.size(), name.size() - kPrefix.size() - kSuffix.size());
+  auto next_part = [&rest]() {
+    const std::size_t dot = rest.find('.');
+    const std::string_view part = rest.substr(0, dot);
+    rest = dot == std::string_view::npos ? std::string_view() : rest.substr(dot + 1);
+    return part;
+  };
+  NamedCharge charge;
+  charge.id = next_part();
+  const std::string_view reserved = next_part();
+  if (charge.id.empty() || reserved.size() < 2 || reserved[0] != 'r' ||
+      !parse_count(reserved.substr(1), std::numeric_limits<std::uint64_t>::max(), charge.reserved_bytes)) {
+    return std::nullopt;
+  }
+  while (!rest.empty()) {
+    const std::string_view gpu = next_part();
+    const std::size_t dash = gpu.find('-');
+    std::uint64_t index = 0;
+    if (charge.gpu_count == NamedCharge::kMostGpus || gpu.size() < 2 || gpu[0] != 'g' ||
+        dash == std::string_view::npos || gpu.size() - dash - 1 != 8 ||
+        !parse_count(gpu.substr(1, dash - 1), std::numeric_limits<unsigned>::max(), index)) {
+      return std::nullopt;
+    }
+    const std::string_view tag = gpu.substr(dash + 1);
+    if (tag.find_first_not_of("0123456789abcdef") != std::string_view::npos) return std::nullopt;
+    charge.gpus[charge.gpu_count++] = {unsigned(index), tag};
+  }
+  if (charge.gpu_count == 0) return std::nullopt;
+  return charge;
+}
+
 std::string to_json_text(const LeaseRecord& record) {
   nlohmann::json json = {
       {"format", 1},
@@ -242,7 +316,14 @@ Result<LeaseRecord> read_lease_document(const std::string& text) {
 }
 
 PreparedLeaseInode::PreparedLeaseInode(const std::string& directory)
-    : fd_(::open(directory.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0644)) {}
+    : fd_(::open(directory.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0644)) {
+  // Mode and lock now too, out of the host lock: nobody else can reach a nameless inode.
+  // O_TMPFILE's mode went through the umask; a lease others cannot read would not count for them.
+  if (fd_ >= 0 && (::fchmod(fd_, 0644) != 0 || ::flock(fd_, LOCK_EX | LOCK_NB) != 0)) {
+    ::close(fd_);
+    fd_ = -1;  // the temp file + rename path will do it, and report what fails
+  }
+}
 
 PreparedLeaseInode& PreparedLeaseInode::operator=(PreparedLeaseInode&& other) noexcept {
   if (this != &other) {
@@ -276,8 +357,8 @@ bool write_text(int fd, const std::string& text) {
 // Fills, locks and names a prepared inode. -1 (and the fd closed) when it cannot be named here;
 // the caller then takes the ordinary path, which reports any real failure.
 int publish_prepared(int fd, const std::string& final_path, const std::string& text, bool lock_it) {
-  // O_TMPFILE's mode went through the umask; a lease others cannot read would not count for them.
-  if (::fchmod(fd, 0644) != 0 || (lock_it && ::flock(fd, LOCK_EX | LOCK_NB) != 0) || !write_text(fd, text)) {
+  // Already 0644 and locked (PreparedLeaseInode); a lease that lives by its expiry is not locked.
+  if ((!lock_it && ::flock(fd, LOCK_UN) != 0) || !write_text(fd, text)) {
     ::close(fd);
     return -1;
   }
@@ -295,7 +376,7 @@ int publish_prepared(int fd, const std::string& final_path, const std::string& t
 
 Result<int> write_lease_file(const std::string& directory, const LeaseRecord& record, bool lock_it,
                              PreparedLeaseInode* prepared) {
-  const std::string final_path = directory + "/lease-" + record.id + ".json";
+  const std::string final_path = directory + "/" + lease_file_name(record);
   const std::string text = to_json_text(record);
   if (prepared != nullptr && !prepared->empty()) {
     const int fd = publish_prepared(prepared->take(), final_path, text, lock_it);

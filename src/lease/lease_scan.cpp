@@ -100,8 +100,8 @@ ReadOutcome read_lease(int directory_fd, const std::string& name, const std::str
   }
 }
 
-bool is_lease_file_name(const std::string& name) {
-  return name.rfind("lease-", 0) == 0 && name.size() >= 11 && name.compare(name.size() - 5, 5, ".json") == 0;
+bool is_lease_file_name(std::string_view name) {
+  return name.size() >= 11 && name.substr(0, 6) == "lease-" && name.substr(name.size() - 5) == ".json";
 }
 
 // Open lease files one scan keeps, at most: a file descriptor each, and the process may have
@@ -115,18 +115,48 @@ LeaseScan::Seen::~Seen() {
 }
 
 LeaseScan::Seen::Seen(Seen&& other) noexcept
-    : inode(other.inode), record(std::move(other.record)), pin(std::exchange(other.pin, -1)) {}
+    : inode(other.inode), record(std::move(other.record)), pin(std::exchange(other.pin, -1)), listed_in(other.listed_in) {}
 
-void LeaseScan::refresh(std::vector<std::string>* warnings) {
-  std::map<std::string, Seen> listed;
+namespace {
+
+// Adds what a charged name reserves to `charged`, if every GPU it names is in `snapshot` at that
+// index (else false: the file is read instead). `tags`: uuid_tag of each of the snapshot's GPUs,
+// filled on first use.
+bool charge_by_name(std::string_view name, const Snapshot& snapshot, std::vector<std::string>& tags,
+                    OutstandingReservations& charged) {
+  const auto charge = charge_from_name(name);
+  if (!charge) return false;
+  if (tags.empty()) {
+    for (const auto& gpu : snapshot.gpus) tags.push_back(gpu.uuid.empty() ? std::string() : uuid_tag(gpu.uuid));
+  }
+  for (std::size_t i = 0; i < charge->gpu_count; ++i) {
+    const auto [index, tag] = charge->gpus[i];
+    // Not the GPU the lease was taken on (or none at that index).
+    if (index >= snapshot.gpus.size() || snapshot.gpus[index].nvml_index != index || tags[index].empty() || tags[index] != tag) {
+      return false;
+    }
+  }
+  for (std::size_t i = 0; i < charge->gpu_count; ++i) {
+    auto& total = charged[charge->gpus[i].first];
+    total = add_saturating(total, charge->reserved_bytes);
+  }
+  return true;
+}
+
+}  // namespace
+
+void LeaseScan::refresh(std::vector<std::string>* warnings, const Snapshot* published_after) {
   DIR* dir = ::opendir(directory_.c_str());
   if (dir == nullptr) {
     seen_.clear();
     pinned_ = 0;
     return;
   }
+  ++generation_;
+  charged_by_name_.clear();
+  std::vector<std::string> tags;
   while (const dirent* entry = ::readdir(dir)) {
-    std::string name = entry->d_name;
+    const std::string_view name = entry->d_name;
     if (!is_lease_file_name(name)) continue;
     const ino_t inode = entry->d_ino;
     // The same name with the same inode is the same file — for a live lease because this scan
@@ -134,15 +164,26 @@ void LeaseScan::refresh(std::vector<std::string>* warnings) {
     // settled as not a lease (dead, corrupt, unsafe) is trusted by its inode alone: only a live
     // holder replaces its file, and lease ids are never reused. Inode 0: the file system does not
     // say, so read again rather than guess.
-    if (auto it = seen_.find(name);
-        it != seen_.end() && inode != 0 && it->second.inode == inode && (it->second.pin >= 0 || !it->second.record)) {
-      listed.emplace(std::move(name), std::move(it->second));
+    bool known = false;
+    if (auto it = seen_.find(name); it != seen_.end()) {
+      if (inode != 0 && it->second.inode == inode && (it->second.pin >= 0 || !it->second.record)) {
+        it->second.listed_in = generation_;
+        continue;
+      }
+      known = true;  // replaced (HeldLease::reassign): read, so that its new holder's memory is credited
+      if (it->second.pin >= 0) --pinned_;
+      seen_.erase(it);
+    }
+    if (!known && published_after != nullptr && charge_by_name(name, *published_after, tags, charged_by_name_)) {
+      ++names_charged_;
       continue;
     }
+    const std::string path = directory_ + "/" + std::string(name);
     ++files_read_;
-    ReadOutcome outcome = read_lease(::dirfd(dir), name, directory_ + "/" + name, warnings);
+    ReadOutcome outcome = read_lease(::dirfd(dir), std::string(name), path, warnings);
     if (outcome.gone) continue;
     Seen seen(inode, std::move(outcome.record));
+    seen.listed_in = generation_;
     if (outcome.fd >= 0) {
       // Kept only when it is the file the listing named (not one that replaced it meanwhile).
       if (outcome.inode == inode && pinned_ < kMostPinnedFiles) {
@@ -152,20 +193,30 @@ void LeaseScan::refresh(std::vector<std::string>* warnings) {
         ::close(outcome.fd);
       }
     }
-    listed.emplace(std::move(name), std::move(seen));
+    seen_.emplace(std::string(name), std::move(seen));
   }
   ::closedir(dir);
-  seen_ = std::move(listed);  // closes the files of names no longer listed
-  pinned_ = 0;
-  for (const auto& [name, seen] : seen_) pinned_ += seen.pin >= 0 ? 1 : 0;
+  std::erase_if(seen_, [this](const auto& entry) {  // names no longer listed; closes their files
+    if (entry.second.listed_in == generation_) return false;
+    if (entry.second.pin >= 0) --pinned_;
+    return true;
+  });
 }
-std::vector<LeaseRecord> LeaseScan::live() const {
-  std::vector<LeaseRecord> leases;
-  for (const auto& [name, seen] : seen_) {
-    if (seen.record) leases.push_back(*seen.record);
+
+std::vector<LeaseRecord*> LeaseScan::live_records() {
+  std::vector<LeaseRecord*> leases;
+  leases.reserve(seen_.size());
+  for (auto& [name, seen] : seen_) {
+    if (seen.record) leases.push_back(&*seen.record);
   }
   std::stable_sort(leases.begin(), leases.end(),
-                   [](const LeaseRecord& a, const LeaseRecord& b) { return a.taken_at_ms < b.taken_at_ms; });
+                   [](const LeaseRecord* a, const LeaseRecord* b) { return a->taken_at_ms < b->taken_at_ms; });
+  return leases;
+}
+
+std::vector<LeaseRecord> LeaseScan::live() {
+  std::vector<LeaseRecord> leases;
+  for (const LeaseRecord* record : live_records()) leases.push_back(*record);
   return leases;
 }
 

@@ -1,4 +1,6 @@
 // ledger.cpp — reading the leases, charging them against GPUs, and select-and-reserve.
+#include <dirent.h>
+#include <fcntl.h>
 #include <pwd.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -7,6 +9,8 @@
 #include <cerrno>
 #include <cstring>
 #include <map>
+#include <optional>
+#include <string_view>
 
 #include "lease/internal.hpp"
 
@@ -16,12 +20,65 @@ using namespace lease_internal;
 
 namespace {
 
+// The name /etc/passwd gives `uid`, read directly: every launch records its user, and glibc's
+// getpwuid first tries nscd's socket twice and parses nsswitch.conf, about 50 µs of CPU on these
+// machines, several times the read itself. A uid the file does not list (LDAP, sssd) goes
+// through NSS as before.
+std::optional<std::string> user_name_in_passwd(uid_t uid) {
+  const int fd = ::open("/etc/passwd", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::nullopt;
+  std::string text;
+  char buffer[16384];
+  for (;;) {
+    const ssize_t n = ::read(fd, buffer, sizeof buffer);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0 || text.size() > (std::size_t(1) << 24)) break;
+    text.append(buffer, std::size_t(n));
+  }
+  ::close(fd);
+  const std::string wanted = std::to_string(uid);
+  std::string_view rest = text;
+  while (!rest.empty()) {
+    const std::size_t end = rest.find('\n');
+    const std::string_view line = rest.substr(0, end);
+    rest = end == std::string_view::npos ? std::string_view() : rest.substr(end + 1);
+    // name:password:uid:...; "+" and "-" lines are NIS compat entries, not users.
+    const std::size_t first = line.find(':');
+    if (first == 0 || first == std::string_view::npos || line[0] == '+' || line[0] == '-') continue;
+    const std::size_t second = line.find(':', first + 1);
+    if (second == std::string_view::npos) continue;
+    const std::size_t third = line.find(':', second + 1);
+    if (third == std::string_view::npos) continue;
+    if (line.substr(second + 1, third - second - 1) == wanted) return std::string(line.substr(0, first));
+  }
+  return std::nullopt;
+}
+
 std::string user_name(uid_t uid) {
+  if (auto name = user_name_in_passwd(uid)) return std::move(*name);
   passwd entry{};
   passwd* found = nullptr;
   char buffer[1024];
   if (getpwuid_r(uid, &entry, buffer, sizeof buffer, &found) == 0 && found != nullptr) return found->pw_name;
   return std::to_string(uid);
+}
+
+// The file of lease `id`, in either form lease_file_name gives.
+std::optional<std::string> lease_file_of(const std::string& directory, const std::string& id) {
+  const std::string plain = "lease-" + id + ".json";
+  DIR* dir = ::opendir(directory.c_str());
+  if (dir == nullptr) return std::nullopt;
+  std::optional<std::string> found;
+  while (const dirent* entry = ::readdir(dir)) {
+    const std::string_view name = entry->d_name;
+    const auto charge = charge_from_name(name);
+    if (name == plain || (charge && charge->id == std::string_view(id))) {
+      found = directory + "/" + std::string(name);
+      break;
+    }
+  }
+  ::closedir(dir);
+  return found;
 }
 
 }  // namespace
@@ -54,13 +111,13 @@ Result<Reservation> Ledger::reserve(const ReserveRequest& request, const Snapsho
 
 namespace lease_internal {
 
-OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Snapshot& snapshot, ProcessFacts& facts) {
+OutstandingReservations charge_leases(const std::vector<LeaseRecord*>& leases, const Snapshot& snapshot, ProcessFacts& facts) {
   // Holder pid -> leases it holds. A pending lease (holder pid 0) has no holder yet: nothing is
   // credited against it.
   std::map<pid_t, std::vector<std::size_t>> by_holder;
   for (std::size_t i = 0; i < leases.size(); ++i) {
-    leases[i].in_use_bytes = 0;
-    if (leases[i].holder_pid > 0) by_holder[leases[i].holder_pid].push_back(i);
+    leases[i]->in_use_bytes = 0;
+    if (leases[i]->holder_pid > 0) by_holder[leases[i]->holder_pid].push_back(i);
   }
   // The leases of `pid` it still holds, i.e. while it is still the process that took them (a
   // reused pid is another process). Asked only of pids a GPU process's ancestry reaches, so /proc
@@ -73,7 +130,7 @@ OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Sn
     if (inserted) {
       const auto ticks = facts.start_ticks(pid);
       for (std::size_t i : it->second) {
-        if (ticks == leases[i].holder_start_ticks) entry->second.push_back(i);
+        if (ticks == leases[i]->holder_start_ticks) entry->second.push_back(i);
       }
     }
     return entry->second.empty() ? nullptr : &entry->second;
@@ -83,7 +140,7 @@ OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Sn
   // Holds are attributed by session: the process that will use them is not born yet.
   std::map<pid_t, std::vector<std::size_t>> by_session;
   for (std::size_t i = 0; i < leases.size(); ++i) {
-    if (leases[i].expires_at_ms && leases[i].holder_session > 0) by_session[leases[i].holder_session].push_back(i);
+    if (leases[i]->expires_at_ms && leases[i]->holder_session > 0) by_session[leases[i]->holder_session].push_back(i);
   }
   for (const auto& gpu : snapshot.gpus) {
     for (const auto& process : gpu.processes) {
@@ -92,10 +149,10 @@ OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Sn
         if (auto session = facts.session(process.pid); session) {
           if (auto it = by_session.find(*session); it != by_session.end()) {
             for (std::size_t i : it->second) {
-              const auto& uuids = leases[i].gpu_uuids;
+              const auto& uuids = leases[i]->gpu_uuids;
               if (std::find(uuids.begin(), uuids.end(), gpu.uuid) == uuids.end()) continue;
               in_use[{i, gpu.uuid}] += *process.used_bytes;
-              leases[i].in_use_bytes += *process.used_bytes;
+              leases[i]->in_use_bytes += *process.used_bytes;
             }
           }
         }
@@ -105,10 +162,10 @@ OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Sn
       for (int depth = 0; depth < 64 && pid > 1; ++depth) {
         if (const auto* held = held_by(pid)) {
           for (std::size_t i : *held) {
-            const auto& uuids = leases[i].gpu_uuids;
+            const auto& uuids = leases[i]->gpu_uuids;
             if (std::find(uuids.begin(), uuids.end(), gpu.uuid) == uuids.end()) continue;
             in_use[{i, gpu.uuid}] += *process.used_bytes;
-            leases[i].in_use_bytes += *process.used_bytes;
+            leases[i]->in_use_bytes += *process.used_bytes;
           }
           break;
         }
@@ -120,14 +177,24 @@ OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Sn
   }
   OutstandingReservations outstanding;
   for (std::size_t i = 0; i < leases.size(); ++i) {
-    for (const auto& uuid : leases[i].gpu_uuids) {
+    for (const auto& uuid : leases[i]->gpu_uuids) {
       const GpuInfo* gpu = snapshot.find_uuid(uuid);
       if (gpu == nullptr) continue;  // that GPU is gone from this host; nothing to charge
       const std::uint64_t used = in_use[{i, uuid}];
-      if (leases[i].reserved_bytes > used) outstanding[gpu->nvml_index] += leases[i].reserved_bytes - used;
+      if (leases[i]->reserved_bytes > used) {
+        auto& total = outstanding[gpu->nvml_index];
+        total = add_saturating(total, leases[i]->reserved_bytes - used);
+      }
     }
   }
   return outstanding;
+}
+
+OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Snapshot& snapshot, ProcessFacts& facts) {
+  std::vector<LeaseRecord*> records;
+  records.reserve(leases.size());
+  for (auto& lease : leases) records.push_back(&lease);
+  return charge_leases(records, snapshot, facts);
 }
 
 LeaseRecord holder_identity(const ReserveRequest& request) {
@@ -146,10 +213,9 @@ LeaseRecord holder_identity(const ReserveRequest& request) {
 }
 
 LedgerView view_before_lock(const std::string& directory, const Snapshot& snapshot, std::vector<std::string>* warnings) {
-  LedgerView view{LeaseScan(directory), {}, PreparedLeaseInode(directory)};
+  LedgerView view{LeaseScan(directory), {}, PreparedLeaseInode(directory), true};
   view.scan.refresh(warnings);
-  std::vector<LeaseRecord> leases = view.scan.live();
-  charge_leases(leases, snapshot, view.facts);  // for the /proc facts it reads; the result is redone under the lock
+  charge_leases(view.scan.live_records(), snapshot, view.facts);  // for the /proc facts it reads; redone under the lock
   return view;
 }
 
@@ -168,14 +234,17 @@ Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request
   //   a process that has exited since: a dead holder (its lease is dead, see above) or a GPU
   //   process whose parent died and that was re-parented (its memory is still credited to the
   //   lease whose tree started it, as it was when it allocated).
+  // - a name listed now but not by the look before the lock is a lease taken after the snapshot,
+  //   charged in full from its name where the name says what it reserves (LeaseScan::refresh).
   const std::string& directory = ledger.directory();
-  view.scan.refresh(warnings);
-  std::vector<LeaseRecord> leases = view.scan.live();
-  const OutstandingReservations reservations = charge_leases(leases, snapshot, view.facts);
+  view.scan.refresh(warnings, view.scanned_after_snapshot ? &snapshot : nullptr);
+  const std::vector<LeaseRecord*> leases = view.scan.live_records();
+  OutstandingReservations reservations = charge_leases(leases, snapshot, view.facts);
+  for (const auto& [index, bytes] : view.scan.charged_by_name()) reservations[index] = add_saturating(reservations[index], bytes);
 
   // A `pick --hold` lease whose memory has shown up has done its job: end it early.
-  for (const auto& lease : leases) {
-    if (lease.expires_at_ms && lease.in_use_bytes >= lease.reserved_bytes * lease.gpu_uuids.size()) ::unlink(lease.path.c_str());
+  for (const LeaseRecord* lease : leases) {
+    if (lease->expires_at_ms && lease->in_use_bytes >= lease->reserved_bytes * lease->gpu_uuids.size()) ::unlink(lease->path.c_str());
   }
 
   auto decision = select_gpus(request.requirements, snapshot, visibility_of(snapshot), reservations);
@@ -194,7 +263,7 @@ Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request
 
   auto fd = write_lease_file(directory, record, !request.hold.has_value(), &view.inode);
   if (!fd) return make_error(Errc::state, fd.error().message + "; nothing was launched");
-  record.path = directory + "/lease-" + record.id + ".json";
+  record.path = directory + "/" + lease_file_name(record);
   reservation.lease = std::make_unique<HeldLease>(std::move(record), *fd);
   if (request.hold) reservation.lease->detach();  // lives by its expiry, not by this process
   return reservation;
@@ -206,12 +275,12 @@ Result<void> Ledger::release(const std::string& id) {
   if (id.empty() || id.find('/') != std::string::npos || id.find("..") != std::string::npos) {
     return make_error(Errc::bad_input, "invalid lease id '" + id + "': expected an id as `gpuslot leases` prints it");
   }
-  const std::string path = directory_ + "/lease-" + id + ".json";
+  const auto path = lease_file_of(directory_, id);
   struct stat info {};
-  if (::lstat(path.c_str(), &info) != 0) {
+  if (!path || ::lstat(path->c_str(), &info) != 0) {
     return make_error(Errc::bad_input, "no lease '" + id + "' in " + directory_ + " (see gpuslot leases)");
   }
-  if (::unlink(path.c_str()) != 0) {
+  if (::unlink(path->c_str()) != 0) {
     return make_error(Errc::state, "cannot release lease " + id + " of user " + user_name(info.st_uid) + ": " +
                                        std::strerror(errno) + "; only its holder or root can");
   }

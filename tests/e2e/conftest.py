@@ -191,6 +191,15 @@ def read_text(path):
         return ""
 
 
+def lease_file(state_dir, lease_id):
+    """The file of lease `lease_id`: lease-<id>.json, or lease-<id>.r<bytes>.g<index>-<tag>….json
+    where the name says what the lease reserves."""
+    found = [path for path in Path(state_dir).glob("lease-%s.*" % lease_id)
+             if path.name == "lease-%s.json" % lease_id or path.name.startswith("lease-%s.r" % lease_id)]
+    assert len(found) == 1, (lease_id, sorted(p.name for p in Path(state_dir).iterdir()))
+    return found[0]
+
+
 def leases(gpuslot, host):
     """The live leases as `gpuslot leases --json` lists them."""
     return json.loads(gpuslot("leases", "--json", host=host, check=0).stdout)["leases"]

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import lease_file, wait_until
 
 GiB = 1 << 30
 USERS = ("gpuslot-a", "gpuslot-b")
@@ -126,7 +126,7 @@ def test_each_user_sees_the_others_lease(shared, users):
         assert (seen[a["id"]]["user"], seen[a["id"]]["uid"]) == ("gpuslot-a", users["gpuslot-a"].pw_uid)
         assert (seen[b["id"]]["user"], seen[b["id"]]["uid"]) == ("gpuslot-b", users["gpuslot-b"].pw_uid)
     for lease, owner in ((a, "gpuslot-a"), (b, "gpuslot-b")):
-        info = os.stat(shared.state / ("lease-%s.json" % lease["id"]))
+        info = os.stat(lease_file(shared.state, lease["id"]))
         assert info.st_uid == users[owner].pw_uid and info.st_mode & 0o777 == 0o644
 
 
@@ -174,7 +174,7 @@ print(json.dumps(outcome))
 
 def test_a_user_cannot_delete_or_alter_another_users_lease_file(shared):
     b = shared.hold("gpuslot-b", "10G")
-    path = shared.state / ("lease-%s.json" % b["id"])
+    path = lease_file(shared.state, b["id"])
     before = path.read_bytes()
     outcome = shared.python_as("gpuslot-a", TAMPER, path, shared.state / "forged-by-a")
     assert outcome == {name: "PermissionError" for name in outcome} and len(outcome) == 6, outcome

@@ -100,7 +100,7 @@ class AllocationCache {
   std::vector<Allocation> live_on(const std::string& host_path, const std::string& uuid);
 
  private:
-  WatchedFile file_;
+  WatchedFile file_{kLibraryRecheckNs};
   std::vector<Allocation> parsed_;
   HolderLiveness liveness_;
 };

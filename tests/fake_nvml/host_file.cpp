@@ -229,6 +229,21 @@ FileIdentity identity_of(const struct stat& info) {
 }  // namespace
 
 WatchedFile::Refresh WatchedFile::refresh(const std::string& path) {
+  if (recheck_after_ns_ <= 0) return refresh_now(path);
+  timespec clock_now{};
+  ::clock_gettime(CLOCK_MONOTONIC, &clock_now);
+  const std::int64_t now_ns = std::int64_t(clock_now.tv_sec) * 1000000000 + clock_now.tv_nsec;
+  if (checked_at_ns_ >= 0 && path == checked_path_ && now_ns - checked_at_ns_ < recheck_after_ns_) {
+    return {checked_error_, false};
+  }
+  const Refresh result = refresh_now(path);
+  checked_path_ = path;
+  checked_at_ns_ = now_ns;
+  checked_error_ = result.error_number;
+  return result;
+}
+
+WatchedFile::Refresh WatchedFile::refresh_now(const std::string& path) {
   struct stat info{};
   if (::stat(path.c_str(), &info) != 0) {
     const int error = errno;

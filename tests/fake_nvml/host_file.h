@@ -95,7 +95,9 @@ struct FileIdentity {
 // the caller serialises (the library holds its session lock).
 class WatchedFile {
  public:
-  WatchedFile() = default;
+  // `recheck_after_ns` > 0: a refresh of the same path within that time of the last stat trusts
+  // that stat (the library's caches: one snapshot makes ~100 calls, each of which would stat).
+  explicit WatchedFile(std::int64_t recheck_after_ns = 0) : recheck_after_ns_(recheck_after_ns) {}
   WatchedFile(const WatchedFile&) = delete;
   WatchedFile& operator=(const WatchedFile&) = delete;
   ~WatchedFile();
@@ -109,13 +111,24 @@ class WatchedFile {
 
  private:
   void forget();
+  Refresh refresh_now(const std::string& path);
 
   std::string path_;
   FileIdentity identity_{};
   int pinned_fd_ = -1;  // keeps the inode alive so its number cannot be reused by a new file
   std::string text_;
   bool loaded_ = false;
+  // See the constructor: the last stat, of which path, and what it said.
+  std::int64_t recheck_after_ns_ = 0;
+  std::string checked_path_;
+  std::int64_t checked_at_ns_ = -1;
+  int checked_error_ = 0;
 };
+
+// How long the library trusts its last look at the host and allocations files: a live edit by a
+// test is seen by a process already running at most this much later. One snapshot makes about a
+// hundred NVML calls within well under this, so they share one stat() instead of a hundred.
+inline constexpr std::int64_t kLibraryRecheckNs = 1'000'000;
 
 // A host file watched for changes, parsed once per version.
 class HostCache {
@@ -124,7 +137,7 @@ class HostCache {
   const HostRead& current(const std::string& path);
 
  private:
-  WatchedFile file_;
+  WatchedFile file_{kLibraryRecheckNs};
   HostRead parsed_;
 };
 

@@ -3,7 +3,8 @@
 // NVML is callable from any thread, so each call holds one process-wide mutex from start to
 // finish; calls are a stat() or two and a lookup, so contention is not a concern. The host file
 // named by GPUSLOT_FAKE_NVML_HOST is looked up on every call (tests switch files in-process and
-// rewrite them live); HostCache makes that a stat() unless the file changed.
+// rewrite them live); HostCache makes that a stat() unless the file changed, and no stat() at
+// all within kLibraryRecheckNs (1 ms) of the last one.
 #pragma once
 
 #include <cstring>

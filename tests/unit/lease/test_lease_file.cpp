@@ -357,10 +357,11 @@ TEST_F(LedgerTest, APreparedInodeIsInvisibleUntilPublishedThenComplete0644AndLoc
   ASSERT_FALSE(inode.empty()) << "this file system has O_TMPFILE (tmpfs, ext4)";
   EXPECT_TRUE(names_in(directory_).empty()) << "a prepared inode has no name";
 
-  auto fd = lease_internal::write_lease_file(directory_.string(), record_with_id("1-prepared"), /*lock_it=*/true, &inode);
+  const LeaseRecord record = record_with_id("1-prepared");
+  auto fd = lease_internal::write_lease_file(directory_.string(), record, /*lock_it=*/true, &inode);
   ASSERT_TRUE(fd.ok()) << fd.error().message;
   EXPECT_TRUE(inode.empty()) << "the inode was taken over";
-  const auto path = directory_ / "lease-1-prepared.json";
+  const auto path = directory_ / lease_internal::lease_file_name(record);
   struct stat info {};
   ASSERT_EQ(::stat(path.c_str(), &info), 0);
   EXPECT_EQ(info.st_mode & 07777, 0644u);
@@ -392,16 +393,71 @@ TEST_F(LedgerTest, AnUnusedPreparedInodeLeavesNothingAndReserveLeavesNoTemporary
   auto refused = reserve(ledger, 30 * kGiB, one_gpu());  // does not fit: its prepared inode goes unused
   ASSERT_TRUE(refused.ok());
   EXPECT_FALSE(refused->lease);
-  EXPECT_EQ(names_in(directory_), std::vector<std::string>{"lease-" + taken->lease->record().id + ".json"});
+  EXPECT_EQ(names_in(directory_), std::vector<std::string>{lease_internal::lease_file_name(taken->lease->record())});
 }
 
 TEST_F(LedgerTest, WithoutAPreparedInodeTheTemporaryFilePathStillPublishes) {
   lease_internal::PreparedLeaseInode none;
-  auto fd = lease_internal::write_lease_file(directory_.string(), record_with_id("2-plain"), /*lock_it=*/true, &none);
+  const LeaseRecord record = record_with_id("2-plain");
+  auto fd = lease_internal::write_lease_file(directory_.string(), record, /*lock_it=*/true, &none);
   ASSERT_TRUE(fd.ok()) << fd.error().message;
-  EXPECT_TRUE(std::filesystem::exists(directory_ / "lease-2-plain.json"));
+  EXPECT_TRUE(std::filesystem::exists(directory_ / lease_internal::lease_file_name(record)));
   EXPECT_FALSE(std::filesystem::exists(directory_ / ".lease-2-plain.tmp"));
   ::close(*fd);
+}
+
+TEST(LeaseFileName, SaysWhatTheLeaseReservesAndReadsBack) {
+  LeaseRecord record = record_with_id("7-0badcafe");
+  record.gpu_uuids = {"GPU-a", "GPU-b"};
+  record.nvml_indices = {0, 3};
+  record.reserved_bytes = 10 * kGiB;
+  const std::string name = lease_internal::lease_file_name(record);
+  EXPECT_EQ(name, "lease-7-0badcafe.r10737418240.g0-" + lease_internal::uuid_tag("GPU-a") + ".g3-" +
+                      lease_internal::uuid_tag("GPU-b") + ".json");
+  EXPECT_NE(lease_internal::uuid_tag("GPU-a"), lease_internal::uuid_tag("GPU-b"));
+  const auto charge = lease_internal::charge_from_name(name);
+  ASSERT_TRUE(charge);
+  EXPECT_EQ(charge->id, "7-0badcafe");
+  EXPECT_EQ(charge->reserved_bytes, 10 * kGiB);
+  ASSERT_EQ(charge->gpu_count, 2u);
+  EXPECT_EQ(charge->gpus[0].first, 0u);
+  EXPECT_EQ(charge->gpus[0].second, lease_internal::uuid_tag("GPU-a"));
+  EXPECT_EQ(charge->gpus[1].first, 3u);
+}
+
+TEST(LeaseFileName, IsPlainWhereItCannotSayItAll) {
+  LeaseRecord none = record_with_id("8-1");
+  none.gpu_uuids.clear();
+  none.nvml_indices.clear();
+  EXPECT_EQ(lease_internal::lease_file_name(none), "lease-8-1.json");
+  LeaseRecord many = record_with_id("8-2");
+  many.gpu_uuids.assign(40, "GPU-x");
+  many.nvml_indices.assign(40, 1000000);
+  const std::string name = lease_internal::lease_file_name(many);
+  EXPECT_EQ(name, "lease-8-2.json") << "a name too long for the file system's 255 bytes falls back";
+  EXPECT_FALSE(lease_internal::charge_from_name(name));
+}
+
+TEST(LeaseFileName, MalformedChargesAreNotTrusted) {
+  const std::string tag = lease_internal::uuid_tag("GPU-a");
+  for (const std::string& name : std::vector<std::string>{
+           "lease-bogus.json",                                  // plain
+           "lease-1.r5.json",                                   // no GPU
+           "lease-1.r.g0-" + tag + ".json",                     // no size
+           "lease-1.r05.g0-" + tag + ".json",                   // leading zero
+           "lease-1.r-5.g0-" + tag + ".json",                   // sign
+           "lease-1.r18446744073709551616.g0-" + tag + ".json",  // 2^64
+           "lease-1.r5.g0-" + tag.substr(1) + ".json",          // short tag
+           "lease-1.r5.g0-ABCDEF01.json",                      // not lower-case hex
+           "lease-1.r5.gx-" + tag + ".json",                    // no index
+           "lease-1.r5.g4294967296-" + tag + ".json",           // index past unsigned
+           "lease-1.r5.g0-" + tag + ".x.json",                  // trailing part
+           ".r5.g0-" + tag + ".json",                           // not a lease name
+           "lease-.r5.g0-" + tag + ".json",                     // no id
+       }) {
+    EXPECT_FALSE(lease_internal::charge_from_name(name)) << name;
+  }
+  EXPECT_TRUE(lease_internal::charge_from_name("lease-1.r18446744073709551615.g0-" + tag + ".json"));
 }
 
 }  // namespace

@@ -39,7 +39,49 @@ TEST_F(LeaseScanTest, LeasePublishedBetweenScanAndLockIsCounted) {
   ASSERT_TRUE(mine.ok());
   EXPECT_FALSE(mine->lease) << "the 20 GiB published after the scan must leave no room for 10 GiB";
   EXPECT_NE(mine->decision.verdicts[0].reason.find("20.00 GiB reserved"), std::string::npos) << mine->decision.verdicts[0].reason;
-  EXPECT_EQ(view.scan.files_read(), 1u) << "the new name was read under the lock";
+  EXPECT_EQ(view.scan.names_charged(), 1u) << "the new lease was charged from its name under the lock";
+  EXPECT_EQ(view.scan.files_read(), 0u) << "without opening its file";
+}
+
+TEST_F(LeaseScanTest, NewLeaseWhoseNameIsPlainOrNamesAnotherGpuIsReadUnderTheLock) {
+  Ledger ledger(directory_.string());
+  const Snapshot snapshot = one_gpu();
+  LedgerView view = view_before_lock(ledger.directory(), snapshot, nullptr);
+  auto other = reserve(ledger, 20 * kGiB, snapshot);
+  ASSERT_TRUE(other.ok() && other->lease);
+  // The same lease under a plain name, and under a name whose GPU tag is not GPU 0's (taken
+  // before the GPUs were renumbered, say): neither name can be trusted to charge the right GPU.
+  const std::string charged = other->lease->record().path;
+  const std::string plain = ledger.directory() + "/lease-" + other->lease->record().id + ".json";
+  const std::string elsewhere = ledger.directory() + "/lease-" + other->lease->record().id + "x.r1.g0-00000000.json";
+  ASSERT_EQ(::link(charged.c_str(), plain.c_str()), 0);
+  ASSERT_EQ(::rename(charged.c_str(), elsewhere.c_str()), 0);
+  auto mine = reserve_under_lock(ledger, request_of(10 * kGiB), snapshot, view);
+  ASSERT_TRUE(mine.ok());
+  EXPECT_FALSE(mine->lease) << "20 GiB of the same lease, read from its file";
+  EXPECT_EQ(view.scan.names_charged(), 0u);
+  EXPECT_EQ(view.scan.files_read(), 2u) << "both names were read";
+  ::unlink(plain.c_str());
+  ::unlink(elsewhere.c_str());
+}
+
+TEST_F(LeaseScanTest, ChargesNamedOutOfRangeSaturateInsteadOfWrapping) {
+  // Two names claiming 2^63 bytes each on GPU 0 would wrap a plain sum round to 0, and a third
+  // claiming 1 GiB would then leave room: the sum must stay at its largest value instead.
+  Ledger ledger(directory_.string());
+  const Snapshot snapshot = one_gpu();
+  LedgerView view = view_before_lock(ledger.directory(), snapshot, nullptr);
+  const std::string tag = uuid_tag(kGpu0);
+  for (const char* charge : {"1-a.r9223372036854775808", "1-b.r9223372036854775808", "1-c.r1073741824"}) {
+    const std::string path = ledger.directory() + "/lease-" + charge + ".g0-" + tag + ".json";
+    std::ofstream(path) << "{}";
+    ::chmod(path.c_str(), 0644);
+  }
+  auto mine = reserve_under_lock(ledger, request_of(1 * kGiB), snapshot, view);
+  ASSERT_TRUE(mine.ok());
+  EXPECT_EQ(view.scan.names_charged(), 3u);
+  EXPECT_EQ(view.scan.charged_by_name().at(0), UINT64_MAX);
+  EXPECT_FALSE(mine->lease) << mine->decision.verdicts[0].reason;
 }
 
 TEST_F(LeaseScanTest, LeaseReleasedBetweenScanAndLockIsDropped) {

@@ -175,6 +175,20 @@ TEST_F(LedgerTest, UnlockedLeaseOfALivePidIsDeadNotRevived) {
   EXPECT_FALSE(std::filesystem::exists(directory_ / "lease-stale.json")) << "the dead lease is cleaned up";
 }
 
+TEST_F(LedgerTest, ReleaseByIdFindsTheFileWhicheverFormItsNameHas) {
+  Ledger ledger(directory_.string());
+  auto taken = reserve(ledger, 2 * kGiB, one_gpu());
+  ASSERT_TRUE(taken.ok() && taken->lease);
+  const std::string path = taken->lease->record().path;
+  ASSERT_NE(path.find(".r2147483648.g0-"), std::string::npos) << path;
+  ASSERT_TRUE(ledger.release(taken->lease->record().id).ok());
+  EXPECT_FALSE(std::filesystem::exists(path));
+  std::ofstream(directory_ / "lease-9-plain.json") << "{}";
+  ASSERT_TRUE(ledger.release("9-plain").ok());
+  EXPECT_FALSE(std::filesystem::exists(directory_ / "lease-9-plain.json"));
+  EXPECT_EQ(ledger.release("9").error().code, Errc::bad_input) << "an id prefix is not an id";
+}
+
 TEST_F(LedgerTest, ReleaseOfUnknownIdIsBadInput) {
   Ledger ledger(directory_.string());
   auto released = ledger.release("nope");
