@@ -61,42 +61,66 @@ Result<LeaseRecord> read_lease_document(const std::string& text);
 // (exposed for the test that checks it agrees with the document parser).
 std::optional<LeaseRecord> read_canonical_lease(std::string_view text);
 
-// A lease file's inode, allocated before the host lock: creating an inode is the slowest step of
-// publishing a lease on some file systems (ext4 without a journal scans its recently deleted
-// inodes on every create), and the lock should not be held for it. An O_TMPFILE file has no name,
-// so no reader can see it until write_lease_file links it, complete and locked; one never used
-// vanishes when closed. It is made 0644 and flock'ed here too. Empty (fd -1) where the file system
-// has no O_TMPFILE or either step fails.
+// A lease file's inode, made ready before the host lock: creating an inode is the slowest step of
+// publishing a lease on some file systems (ext4 without a journal scans the inodes deleted in the
+// last minutes on every create: 0.35 ms a file on these machines after a busy hour), and the lock
+// should not be held for it. It is either
+// - a spare: the inode of one of this user's released leases, which HeldLease::release moved to
+//   "spares-<uid>/<8 hex>" (a directory of the user's own, 0700) instead of deleting it, so that
+//   leases neither create nor delete inodes once a user has as many spares as it holds leases at
+//   once, or
+// - an O_TMPFILE file, which has no name.
+// Either way no reader looks at it until write_lease_file names it, complete and locked; it is
+// 0644 and flock'ed here (a spare still holds its old text, overwritten when published). An
+// unused O_TMPFILE file vanishes when closed; an unused spare stays a spare. Empty (fd -1) where
+// neither can be had (no O_TMPFILE on this file system).
 class PreparedLeaseInode {
  public:
   PreparedLeaseInode() = default;
-  explicit PreparedLeaseInode(const std::string& directory);
-  PreparedLeaseInode(PreparedLeaseInode&& other) noexcept : fd_(other.fd_) { other.fd_ = -1; }
+  // `spares`: names of this user's spares (list_spares), tried from a random one on.
+  // `or_tmpfile` = false: a spare or nothing.
+  explicit PreparedLeaseInode(const std::string& directory, const std::vector<std::string>& spares = {},
+                              bool or_tmpfile = true);
+  PreparedLeaseInode(PreparedLeaseInode&& other) noexcept
+      : fd_(std::exchange(other.fd_, -1)), spare_(std::move(other.spare_)) {}
   PreparedLeaseInode& operator=(PreparedLeaseInode&& other) noexcept;
   PreparedLeaseInode(const PreparedLeaseInode&) = delete;
   PreparedLeaseInode& operator=(const PreparedLeaseInode&) = delete;
   ~PreparedLeaseInode();
-  int take() {  // the fd, now the caller's to close
-    const int fd = fd_;
-    fd_ = -1;
-    return fd;
+  // The fd, now the caller's to close, and the spare's path ("" if O_TMPFILE).
+  std::pair<int, std::string> take() {
+    return {std::exchange(fd_, -1), std::exchange(spare_, std::string())};
   }
   bool empty() const { return fd_ < 0; }
+  bool is_spare() const { return fd_ >= 0 && !spare_.empty(); }
 
  private:
   int fd_ = -1;
+  std::string spare_;
 };
+
+// Where `uid`'s spares live in state directory `directory`, and that directory opened (made
+// first if `create`): -1 unless it is `uid`'s own and writable by nobody else.
+std::string spare_directory(const std::string& directory, uid_t uid);
+int open_spare_directory(const std::string& directory, uid_t uid, bool create);
+// A fresh name for a spare in its directory.
+std::string new_spare_name();
+// The names of `uid`'s spares (one readdir). Past kMostSpares, the rest are deleted.
+std::vector<std::string> list_spares(const std::string& directory, uid_t uid);
+inline constexpr std::size_t kMostSpares = 256;
 
 // Writes a lease file atomically (temp file + rename, replacing any file of the same id) and
 // returns its fd, flock'ed exclusively *before* it becomes visible, so no reader can ever see it
 // unlocked and think its holder dead. Errc::state on any failure (full disk, permissions), with
 // "cannot <step> lease file in <directory>: <reason>", leaving the temp file removed and any
 // previous file of that id in place.
-// `prepared`: an inode made earlier by PreparedLeaseInode (nameless, O_TMPFILE), taken over: it
-// is filled, locked and linked into place instead of creating a file now. Where that cannot be
-// done (no O_TMPFILE on this file system, no /proc), the temp file + rename path runs instead.
+// `prepared`: an inode made ready by PreparedLeaseInode (a spare, or nameless O_TMPFILE), taken
+// over: it is filled and renamed or linked into place instead of creating a file now. Where that
+// cannot be done (no O_TMPFILE on this file system, no /proc), the temp file + rename path runs.
+// `replace`: the name may exist and is replaced (HeldLease::reassign; only a spare or the temp
+// file can replace a name).
 Result<int> write_lease_file(const std::string& directory, const LeaseRecord& record, bool lock_it,
-                             PreparedLeaseInode* prepared = nullptr);
+                             PreparedLeaseInode* prepared = nullptr, bool replace = false);
 
 
 // True if some process holds an flock on `fd`'s file (probe with a shared, non-blocking lock).
@@ -161,6 +185,7 @@ class LeaseScan {
   void refresh(std::vector<std::string>* warnings, const Snapshot* published_after = nullptr);
   // What the latest refresh charged from names, by NVML index: bytes, in full.
   const OutstandingReservations& charged_by_name() const { return charged_by_name_; }
+
   // The live leases as of the latest refresh, oldest first: copies, or the scan's own records
   // (valid until the next refresh; charge_leases fills their in_use_bytes).
   std::vector<LeaseRecord> live();

@@ -6,8 +6,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <dirent.h>
+
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <string_view>
@@ -315,8 +318,100 @@ Result<LeaseRecord> read_lease_document(const std::string& text) {
   }
 }
 
-PreparedLeaseInode::PreparedLeaseInode(const std::string& directory)
-    : fd_(::open(directory.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0644)) {
+std::string spare_directory(const std::string& directory, uid_t uid) {
+  return directory + "/spares-" + std::to_string(uid);
+}
+
+int open_spare_directory(const std::string& directory, uid_t uid, bool create) {
+  const std::string path = spare_directory(directory, uid);
+  if (create) (void)::mkdir(path.c_str(), 0700);  // EEXIST: checked below like any other
+  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return -1;
+  // Another user may have made this name first (a directory of theirs, or a symlink, which
+  // O_NOFOLLOW refused): then this user has no spares, and leases are made as new files.
+  struct stat info {};
+  if (::fstat(fd, &info) != 0 || info.st_uid != uid || (info.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+std::string new_spare_name() {
+  std::uint32_t random = 0;
+  if (::getrandom(&random, sizeof random, GRND_NONBLOCK) != ssize_t(sizeof random)) {
+    random = std::uint32_t(std::random_device()());
+  }
+  char name[16];
+  std::snprintf(name, sizeof name, "%08x", unsigned(random));
+  return name;
+}
+
+std::vector<std::string> list_spares(const std::string& directory, uid_t uid) {
+  std::vector<std::string> spares;
+  const int fd = open_spare_directory(directory, uid, /*create=*/false);
+  if (fd < 0) return spares;
+  DIR* dir = ::fdopendir(fd);
+  if (dir == nullptr) {
+    ::close(fd);
+    return spares;
+  }
+  while (const dirent* entry = ::readdir(dir)) {
+    if (entry->d_name[0] != '.') spares.emplace_back(entry->d_name);
+  }
+  // More than anyone needs at once (they only accumulate past a user's peak of leases held at
+  // once): delete the rest, unless a launch has claimed one.
+  while (spares.size() > kMostSpares) {
+    const int spare = ::openat(::dirfd(dir), spares.back().c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (spare >= 0 && ::flock(spare, LOCK_EX | LOCK_NB) == 0) ::unlinkat(::dirfd(dir), spares.back().c_str(), 0);
+    if (spare >= 0) ::close(spare);
+    spares.pop_back();
+  }
+  ::closedir(dir);
+  return spares;
+}
+
+namespace {
+
+// Opens and claims one spare: this user's own regular file, with no other name (never one linked
+// in from elsewhere), not claimed by another launch of this user (flock). Then 0644. -1 if any of
+// that fails.
+int claim_spare(int directory_fd, const std::string& name) {
+  const int fd = ::openat(directory_fd, name.c_str(), O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) return -1;
+  struct stat info {};
+  if (::fstat(fd, &info) != 0 || !S_ISREG(info.st_mode) || info.st_uid != ::geteuid() || info.st_nlink != 1 ||
+      info.st_size > 65536 || ::flock(fd, LOCK_EX | LOCK_NB) != 0 ||
+      ((info.st_mode & 07777) != 0644 && ::fchmod(fd, 0644) != 0)) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+}  // namespace
+
+PreparedLeaseInode::PreparedLeaseInode(const std::string& directory, const std::vector<std::string>& spares,
+                                       bool or_tmpfile) {
+  if (!spares.empty()) {
+    // Launches started together list the same spares: each starts at a random one, so that they
+    // rarely try to claim the same.
+    std::uint32_t random = 0;
+    (void)::getrandom(&random, sizeof random, GRND_NONBLOCK);
+    const int spare_fd = open_spare_directory(directory, ::geteuid(), /*create=*/false);
+    for (std::size_t i = 0; spare_fd >= 0 && i < spares.size() && i < 8; ++i) {
+      const std::string& name = spares[(random + i) % spares.size()];
+      fd_ = claim_spare(spare_fd, name);
+      if (fd_ >= 0) {
+        spare_ = spare_directory(directory, ::geteuid()) + "/" + name;
+        break;
+      }
+    }
+    if (spare_fd >= 0) ::close(spare_fd);
+    if (fd_ >= 0) return;
+  }
+  if (!or_tmpfile) return;
+  fd_ = ::open(directory.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0644);
   // Mode and lock now too, out of the host lock: nobody else can reach a nameless inode.
   // O_TMPFILE's mode went through the umask; a lease others cannot read would not count for them.
   if (fd_ >= 0 && (::fchmod(fd_, 0644) != 0 || ::flock(fd_, LOCK_EX | LOCK_NB) != 0)) {
@@ -328,8 +423,8 @@ PreparedLeaseInode::PreparedLeaseInode(const std::string& directory)
 PreparedLeaseInode& PreparedLeaseInode::operator=(PreparedLeaseInode&& other) noexcept {
   if (this != &other) {
     if (fd_ >= 0) ::close(fd_);
-    fd_ = other.fd_;
-    other.fd_ = -1;
+    fd_ = std::exchange(other.fd_, -1);
+    spare_ = std::move(other.spare_);
   }
   return *this;
 }
@@ -354,18 +449,32 @@ bool write_text(int fd, const std::string& text) {
   return true;
 }
 
-// Fills, locks and names a prepared inode. -1 (and the fd closed) when it cannot be named here;
-// the caller then takes the ordinary path, which reports any real failure.
-int publish_prepared(int fd, const std::string& final_path, const std::string& text, bool lock_it) {
+// Fills and names a prepared inode (`spare`: its path as a spare, "" for an O_TMPFILE file). -1 (and the fd closed) when it cannot be named here; the caller then takes the ordinary
+// path, which reports any real failure.
+int publish_prepared(int fd, const std::string& spare, const std::string& final_path, const std::string& text,
+                     bool lock_it, bool replace) {
   // Already 0644 and locked (PreparedLeaseInode); a lease that lives by its expiry is not locked.
-  if ((!lock_it && ::flock(fd, LOCK_UN) != 0) || !write_text(fd, text)) {
+  // A spare keeps its old text until now: overwritten, then cut to length (emptying it first
+  // would free its block, which costs a discard on some file systems, only to allocate one again).
+  if ((!lock_it && ::flock(fd, LOCK_UN) != 0) || !write_text(fd, text) ||
+      (!spare.empty() && ::ftruncate(fd, off_t(text.size())) != 0)) {
     ::close(fd);
     return -1;
   }
-  // Naming an O_TMPFILE inode through /proc needs no privilege (AT_EMPTY_PATH would). linkat
-  // never replaces: lease ids are fresh, and a reassign (same id) passes no prepared inode.
-  const std::string self = "/proc/self/fd/" + std::to_string(fd);
-  if (::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, final_path.c_str(), AT_SYMLINK_FOLLOW) != 0) {
+  // Only a reassign (`replace`) replaces an existing name; lease ids are otherwise fresh. An
+  // O_TMPFILE file cannot be linked over a name, so a reassign without a spare takes the temp
+  // file path.
+  int named;
+  if (!spare.empty()) {
+    named = ::renameat2(AT_FDCWD, spare.c_str(), AT_FDCWD, final_path.c_str(), replace ? 0 : RENAME_NOREPLACE);
+  } else if (replace) {
+    named = -1;
+  } else {
+    // Naming an O_TMPFILE inode through /proc needs no privilege (AT_EMPTY_PATH would).
+    const std::string self = "/proc/self/fd/" + std::to_string(fd);
+    named = ::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, final_path.c_str(), AT_SYMLINK_FOLLOW);
+  }
+  if (named != 0) {
     ::close(fd);
     return -1;
   }
@@ -375,11 +484,12 @@ int publish_prepared(int fd, const std::string& final_path, const std::string& t
 }  // namespace
 
 Result<int> write_lease_file(const std::string& directory, const LeaseRecord& record, bool lock_it,
-                             PreparedLeaseInode* prepared) {
+                             PreparedLeaseInode* prepared, bool replace) {
   const std::string final_path = directory + "/" + lease_file_name(record);
   const std::string text = to_json_text(record);
   if (prepared != nullptr && !prepared->empty()) {
-    const int fd = publish_prepared(prepared->take(), final_path, text, lock_it);
+    const auto [prepared_fd, spare] = prepared->take();
+    const int fd = publish_prepared(prepared_fd, spare, final_path, text, lock_it, replace);
     if (fd >= 0) return fd;
   }
   const std::string temp_path = directory + "/.lease-" + record.id + ".tmp";
@@ -453,8 +563,15 @@ Result<void> HeldLease::reassign(pid_t holder_pid) {
   next.holder_pid = holder_pid;
   next.holder_start_ticks = *start_ticks;
   const std::string directory = record_.path.substr(0, record_.path.rfind('/'));
-  auto fd = lease_internal::write_lease_file(directory, next, /*lock_it=*/true);
+  // The new file is a spare where this user has one; the old inode becomes one (a second name
+  // first, so that the rename below does not delete it), so a reassign creates no inode.
+  lease_internal::PreparedLeaseInode prepared(directory, lease_internal::list_spares(directory, ::geteuid()),
+                                              /*or_tmpfile=*/false);
+  const std::string kept = lease_internal::spare_directory(directory, ::geteuid()) + "/" + lease_internal::new_spare_name();
+  const bool keeping = prepared.is_spare() && ::link(record_.path.c_str(), kept.c_str()) == 0;
+  auto fd = lease_internal::write_lease_file(directory, next, /*lock_it=*/true, &prepared, /*replace=*/true);
   if (!fd) {
+    if (keeping) ::unlink(kept.c_str());
     return make_error(Errc::state, "cannot reassign lease " + record_.id + " to pid " + std::to_string(holder_pid) +
                                        ": " + fd.error().message + "; it still names pid " + std::to_string(record_.holder_pid));
   }
@@ -465,7 +582,17 @@ Result<void> HeldLease::reassign(pid_t holder_pid) {
 }
 
 void HeldLease::release() {
-  if (!record_.path.empty()) ::unlink(record_.path.c_str());  // unlink first: never visible unlocked
+  if (!record_.path.empty()) {
+    // Renamed or unlinked first, then unlocked: never visible unlocked. Kept as a spare for this
+    // user's next lease (PreparedLeaseInode) rather than deleted.
+    const std::string directory = record_.path.substr(0, record_.path.rfind('/'));
+    const int spares = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
+    if (spares < 0 || ::renameat2(AT_FDCWD, record_.path.c_str(), spares, lease_internal::new_spare_name().c_str(),
+                                  RENAME_NOREPLACE) != 0) {
+      ::unlink(record_.path.c_str());
+    }
+    if (spares >= 0) ::close(spares);
+  }
   record_.path.clear();
   if (fd_ >= 0) ::close(fd_);
   fd_ = -1;

@@ -10,6 +10,7 @@
 // A lease that died between the two looks is still counted — it only errs on the safe side.
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -34,6 +35,13 @@ struct ReadOutcome {
 // not a live, well-formed lease owned by the uid it claims.
 // `name` is looked up in `directory_fd` (one path component, not the whole path each time);
 // `path` is the same file's full name, for messages and the record.
+// Whether `name` is the file name of lease `id` (in either form lease_file_name gives).
+bool is_named_for(std::string_view name, std::string_view id) {
+  if (name.size() == id.size() + 11 && name.substr(6, id.size()) == id) return true;  // "lease-" id ".json"
+  const auto charge = charge_from_name(name);
+  return charge && charge->id == id;
+}
+
 ReadOutcome read_lease(int directory_fd, const std::string& name, const std::string& path,
                        std::vector<std::string>* warnings) {
   auto warn = [&](const std::string& why) {
@@ -70,6 +78,17 @@ ReadOutcome read_lease(int directory_fd, const std::string& name, const std::str
     text.resize(n > 0 ? std::size_t(n) : 0);
     auto record = from_json_text(text);
     const bool locked = is_locked_by_someone(fd);
+    if (!record || !is_named_for(name, record->id)) {
+      // Released leases' inodes are reused (PreparedLeaseInode): one opened under its old name
+      // may already hold, or be in the middle of being given, another lease's text. The name has
+      // moved on then; only a file still under this name is what the name says.
+      struct stat now {};
+      if (::fstatat(directory_fd, name.c_str(), &now, AT_SYMLINK_NOFOLLOW) != 0) return {std::nullopt, errno == ENOENT};
+      if (now.st_ino != info.st_ino || now.st_dev != info.st_dev) {
+        if (attempt < kReadsOfAReplacedFile) continue;
+        return {std::nullopt, true};
+      }
+    }
     if (!record) {
       warn(record.error().message);
       return {};

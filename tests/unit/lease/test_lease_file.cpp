@@ -2,12 +2,15 @@
 // (a scheduler hands its pending lease to the job it spawned).
 #include <gtest/gtest.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -458,6 +461,136 @@ TEST(LeaseFileName, MalformedChargesAreNotTrusted) {
     EXPECT_FALSE(lease_internal::charge_from_name(name)) << name;
   }
   EXPECT_TRUE(lease_internal::charge_from_name("lease-1.r18446744073709551615.g0-" + tag + ".json"));
+}
+
+ino_t inode_of(const std::filesystem::path& path) {
+  struct stat info {};
+  return ::stat(path.c_str(), &info) == 0 ? info.st_ino : 0;
+}
+
+std::string text_of(const std::filesystem::path& path) {
+  std::ifstream file(path);
+  return std::string(std::istreambuf_iterator<char>(file), {});
+}
+
+TEST_F(LedgerTest, AReleasedLeasesInodeBecomesASpareAndThenTheNextLeasesFile) {
+  Ledger ledger(directory_.string());
+  const auto spares = std::filesystem::path(lease_internal::spare_directory(directory_.string(), ::geteuid()));
+  auto first = reserve(ledger, 2 * kGiB, one_gpu());
+  ASSERT_TRUE(first.ok() && first->lease);
+  const ino_t inode = inode_of(first->lease->record().path);
+  first->lease->release();
+  ASSERT_TRUE(ledger.live_leases().empty()) << "released at once, as before";
+  ASSERT_EQ(names_in(spares).size(), 1u) << "kept, not deleted";
+  EXPECT_EQ(inode_of(spares / names_in(spares)[0]), inode);
+  struct stat directory_info {};
+  ASSERT_EQ(::stat(spares.c_str(), &directory_info), 0);
+  EXPECT_EQ(directory_info.st_mode & 07777, 0700u) << "the user's own";
+
+  ::mode_t old_umask = ::umask(077);
+  auto second = reserve(ledger, 3 * kGiB, one_gpu());
+  ::umask(old_umask);
+  ASSERT_TRUE(second.ok() && second->lease);
+  const std::string path = second->lease->record().path;
+  EXPECT_EQ(inode_of(path), inode) << "the spare was used, no inode made";
+  EXPECT_TRUE(names_in(spares).empty());
+  struct stat info {};
+  ASSERT_EQ(::stat(path.c_str(), &info), 0);
+  EXPECT_EQ(info.st_mode & 07777, 0644u);
+  EXPECT_EQ(std::size_t(info.st_size), text_of(path).size());
+  auto read = lease_internal::from_json_text(text_of(path));
+  ASSERT_TRUE(read.ok()) << read.error().message << ": the old, longer text is overwritten and cut";
+  EXPECT_EQ(read->id, second->lease->record().id);
+  EXPECT_EQ(read->reserved_bytes, 3 * kGiB);
+  const int reader = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(reader, 0);
+  EXPECT_TRUE(lease_internal::is_locked_by_someone(reader));
+  ::close(reader);
+  ASSERT_EQ(ledger.live_leases().size(), 1u);
+}
+
+TEST_F(LedgerTest, ASpareIsNeverTakenWhenLinkedElsewhereASymlinkOrClaimed) {
+  const std::string directory = directory_.string();
+  const auto spares = std::filesystem::path(lease_internal::spare_directory(directory, ::geteuid()));
+  const int made = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
+  ASSERT_GE(made, 0);
+  ::close(made);
+  // A file of this user's linked in (its other name elsewhere), a symlink to one, and a spare
+  // another launch has claimed: none may be written.
+  const auto victim = directory_ / "victim";
+  std::ofstream(victim) << "precious";
+  std::filesystem::create_hard_link(victim, spares / "linked");
+  std::filesystem::create_symlink(victim, spares / "symlink");
+  std::ofstream(spares / "claimed") << "x";
+  const int claimer = ::open((spares / "claimed").c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_EQ(::flock(claimer, LOCK_EX | LOCK_NB), 0);
+  lease_internal::PreparedLeaseInode only_spares(directory, lease_internal::list_spares(directory, ::geteuid()),
+                                                /*or_tmpfile=*/false);
+  EXPECT_TRUE(only_spares.empty());
+  lease_internal::PreparedLeaseInode prepared(directory, lease_internal::list_spares(directory, ::geteuid()));
+  EXPECT_FALSE(prepared.empty());
+  EXPECT_FALSE(prepared.is_spare()) << "a new inode instead";
+  auto fd = lease_internal::write_lease_file(directory, record_with_id("3-new"), /*lock_it=*/true, &prepared);
+  ASSERT_TRUE(fd.ok());
+  ::close(*fd);
+  ::close(claimer);
+  EXPECT_EQ(text_of(victim), "precious");
+  EXPECT_EQ(text_of(spares / "claimed"), "x");
+}
+
+TEST_F(LedgerTest, ASpareDirectoryOthersCanWriteIsNotUsed) {
+  Ledger ledger(directory_.string());
+  const std::string spares = lease_internal::spare_directory(directory_.string(), ::geteuid());
+  ASSERT_EQ(::mkdir(spares.c_str(), 0700), 0);
+  ASSERT_EQ(::chmod(spares.c_str(), 0777), 0);
+  EXPECT_LT(lease_internal::open_spare_directory(directory_.string(), ::geteuid(), /*create=*/true), 0);
+  auto taken = reserve(ledger, 2 * kGiB, one_gpu());
+  ASSERT_TRUE(taken.ok() && taken->lease);
+  const std::string path = taken->lease->record().path;
+  taken->lease->release();
+  EXPECT_FALSE(std::filesystem::exists(path));
+  EXPECT_TRUE(names_in(spares).empty()) << "deleted, not kept where others could reach it";
+}
+
+TEST_F(LedgerTest, AReassignWithASpareMakesNoInodeAndKeepsTheOldOne) {
+  Ledger ledger(directory_.string());
+  const auto spares = std::filesystem::path(lease_internal::spare_directory(directory_.string(), ::geteuid()));
+  auto spare = reserve(ledger, 1 * kGiB, one_gpu());
+  ASSERT_TRUE(spare.ok() && spare->lease);
+  spare->lease->release();
+  ASSERT_EQ(names_in(spares).size(), 1u);
+  const ino_t spare_inode = inode_of(spares / names_in(spares)[0]);
+
+  ReserveRequest pending = request_of(2 * kGiB);
+  pending.holder_pending = true;
+  auto taken = reserve(ledger, pending, one_gpu());  // uses the spare
+  ASSERT_TRUE(taken.ok() && taken->lease);
+  ASSERT_EQ(inode_of(taken->lease->record().path), spare_inode);
+  auto second_spare = reserve(ledger, 1 * kGiB, one_gpu());  // a new inode, made a spare next
+  ASSERT_TRUE(second_spare.ok() && second_spare->lease);
+  const ino_t new_inode = inode_of(second_spare->lease->record().path);
+  second_spare->lease->release();
+
+  ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());
+  const std::string path = taken->lease->record().path;
+  EXPECT_EQ(inode_of(path), new_inode) << "the reassigned file is the spare";
+  ASSERT_EQ(names_in(spares).size(), 1u);
+  EXPECT_EQ(inode_of(spares / names_in(spares)[0]), spare_inode) << "the old file is the spare now";
+  auto live = ledger.live_leases();
+  ASSERT_EQ(live.size(), 1u);
+  EXPECT_EQ(live[0].holder_pid, ::getpid());
+  EXPECT_EQ(live[0].reserved_bytes, 2 * kGiB);
+}
+
+TEST_F(LedgerTest, SparesPastTheMostAreDeleted) {
+  const std::string directory = directory_.string();
+  const auto spares = std::filesystem::path(lease_internal::spare_directory(directory, ::geteuid()));
+  const int made = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
+  ASSERT_GE(made, 0);
+  ::close(made);
+  for (std::size_t i = 0; i < lease_internal::kMostSpares + 3; ++i) std::ofstream(spares / std::to_string(i)) << "{}";
+  EXPECT_EQ(lease_internal::list_spares(directory, ::geteuid()).size(), lease_internal::kMostSpares);
+  EXPECT_EQ(names_in(spares).size(), lease_internal::kMostSpares);
 }
 
 }  // namespace
