@@ -10,6 +10,7 @@
 //
 //   bench_reserve [--concurrency 1,16,64] [--samples 512] [--host HOST.json] [--nvml LIB]
 //                 [--mode reserve|split|both] [--work DIR (default /tmp; /dev/shm for tmpfs)]
+//                 [--warmup ROUNDS (default 1, unmeasured, per N)]
 //
 // One round = N workers forked, each loads NVML, then all block on a pipe the parent closes (the
 // barrier), call Ledger::reserve for 1 MiB (CLOCK_MONOTONIC around it), report the time through
@@ -262,7 +263,7 @@ std::string load_average() {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "bench_reserve: %s\nusage: bench_reserve [--concurrency 1,16,64] [--samples 512] [--host HOST.json] "
-               "[--nvml LIBRARY] [--mode reserve|split|both] [--work DIR]\n",
+               "[--nvml LIBRARY] [--mode reserve|split|both] [--work DIR] [--warmup ROUNDS]\n",
                why);
   std::exit(2);
 }
@@ -272,6 +273,7 @@ std::string load_average() {
 int main(int argc, char** argv) {
   std::vector<int> concurrency{1, 16, 64};
   int samples_wanted = 512;
+  int warmup_rounds = 1;
   std::string host = BENCH_RESERVE_DEFAULT_HOST;
   std::string nvml = BENCH_RESERVE_DEFAULT_NVML;
   std::string mode = "both";
@@ -292,6 +294,9 @@ int main(int argc, char** argv) {
     } else if (arg == "--samples") {
       samples_wanted = std::atoi(value.c_str());
       if (samples_wanted <= 0) usage("--samples takes a positive number");
+    } else if (arg == "--warmup") {
+      warmup_rounds = std::atoi(value.c_str());
+      if (warmup_rounds < 0 || (warmup_rounds == 0 && value != "0")) usage("--warmup takes a number of rounds, 0 or more");
     } else if (arg == "--host") {
       host = value;
     } else if (arg == "--nvml") {
@@ -329,8 +334,8 @@ int main(int argc, char** argv) {
   ::unsetenv("CUDA_VISIBLE_DEVICES");
   ::unsetenv("CUDA_DEVICE_ORDER");
 
-  std::printf("bench_reserve: host %s, %d+ samples per N, load average at start %s\n\n", host.c_str(), samples_wanted,
-              load_average().c_str());
+  std::printf("bench_reserve: host %s, %d+ samples per N after %d unmeasured round(s), load average at start %s\n\n",
+              host.c_str(), samples_wanted, warmup_rounds, load_average().c_str());
   std::printf("| mode | concurrent | rounds | samples | reserve step ms, median / p99 | lock wait ms | lock held ms "
               "| CPU ms, median: step (snapshot + scan + locked) |\n");
   std::printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
@@ -345,6 +350,17 @@ int main(int argc, char** argv) {
         return 1;
       }
       std::vector<Sample> samples;
+      // Unmeasured first rounds: the leases they release are the spares later launches reuse, as
+      // on any host where launches ran before (the state directory outlives them). Without them
+      // the first round makes every lease's inode anew, which on ext4 without a journal costs
+      // 0.3+ ms a file (see bench/README.md).
+      for (int round = 0; round < warmup_rounds; ++round) {
+        std::vector<Sample> discarded;
+        if (!run_round(n, *state, split, discarded)) {
+          std::fprintf(stderr, "bench_reserve: a worker failed in a warm-up round of N = %d\n", n);
+          return 1;
+        }
+      }
       int rounds = 0;
       while (int(samples.size()) < samples_wanted) {
         ++rounds;
