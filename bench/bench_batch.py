@@ -92,6 +92,16 @@ class Bench:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return time.perf_counter() - start
 
+    def dispatch_xargs(self, jobs):
+        """The floor: one `true` per job and nothing else (no GPU read, no lease, no journal, no log)."""
+        folder, _, env = self.fresh("8x24g")
+        jobs_file = folder / "jobs.txt"
+        jobs_file.write_text("true\n" * jobs)
+        start = time.perf_counter()
+        subprocess.run(["xargs", "-P", "8", "-n", "1", "-a", str(jobs_file)], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
     # --- (b) placement -----------------------------------------------------------------------------
     def placement_jobs(self, count, seed=7):
         rng = random.Random(seed)
@@ -191,20 +201,23 @@ def main():
         if args.only in (None, "dispatch"):
             jobs = 200 if args.quick else 2000
             print("\n### (a) dispatch: %d x `true` on 8 fake GPUs, %d repetitions, interleaved\n" % (jobs, reps))
-            results = {name: [] for name in ("gpuslot", "gpuslot --max-running 8", "gpuslot, state on tmpfs", "tsp -S 8", "parallel -j 8")}
+            results = {name: [] for name in ("gpuslot", "gpuslot --max-running 8", "gpuslot, state on tmpfs", "tsp -S 8",
+                                             "parallel -j 8", "xargs -P 8 (the floor)")}
             for _ in range(reps):
                 results["gpuslot"].append(bench.dispatch_gpuslot(jobs, ["--mem", "1G"]))
                 results["gpuslot --max-running 8"].append(bench.dispatch_gpuslot(jobs, ["--mem", "1G", "--max-running", "8"]))
                 results["gpuslot, state on tmpfs"].append(bench.dispatch_gpuslot(jobs, ["--mem", "1G"], state_on_tmpfs=True))
                 results["tsp -S 8"].append(bench.dispatch_tsp(jobs))
                 results["parallel -j 8"].append(bench.dispatch_parallel(jobs))
+                results["xargs -P 8 (the floor)"].append(bench.dispatch_xargs(jobs))
             tsp = statistics.median(results["tsp -S 8"])
-            print("| runner | median s | jobs/s | rate vs tsp | runs (s) |")
-            print("|---|---:|---:|---:|---|")
+            floor = statistics.median(results["xargs -P 8 (the floor)"])
+            print("| runner | median s | jobs/s | rate vs tsp | time vs the floor | runs (s) |")
+            print("|---|---:|---:|---:|---:|---|")
             for name, times in results.items():
                 median = statistics.median(times)
-                print("| %s | %.2f | %.0f | %.2f× | %s |" % (name, median, jobs / median, tsp / median,
-                                                            " ".join("%.2f" % t for t in times)))
+                print("| %s | %.2f | %.0f | %.2f× | %.2f× | %s |" % (name, median, jobs / median, tsp / median, median / floor,
+                                                                    " ".join("%.2f" % t for t in times)))
             print("\nload average after: %s" % " ".join("%.2f" % x for x in os.getloadavg()))
         if args.only in (None, "placement"):
             count = 60 if args.quick else 200
