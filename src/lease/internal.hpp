@@ -65,10 +65,10 @@ std::optional<LeaseRecord> read_canonical_lease(std::string_view text);
 // publishing a lease on some file systems (ext4 without a journal scans the inodes deleted in the
 // last minutes on every create: 0.35 ms a file on these machines after a busy hour), and the lock
 // should not be held for it. It is either
-// - a spare: the inode of one of this user's released leases, which HeldLease::release moved to
-//   "spares-<uid>/<8 hex>" (a directory of the user's own, 0700) instead of deleting it, so that
-//   leases neither create nor delete inodes once a user has as many spares as it holds leases at
-//   once, or
+// - a spare: the inode of one of this user's released leases, which HeldLease::release renamed to
+//   ".spare-<uid>-<8 hex>" in the same directory instead of deleting it, so that leases neither
+//   create nor delete inodes once a user has as many spares as it holds leases at once (and every
+//   rename stays within one directory, which takes no file-system-wide rename lock), or
 // - an O_TMPFILE file, which has no name.
 // Either way no reader looks at it until write_lease_file names it, complete and locked; it is
 // 0644 and flock'ed here (a spare still holds its old text, overwritten when published). An
@@ -77,7 +77,8 @@ std::optional<LeaseRecord> read_canonical_lease(std::string_view text);
 class PreparedLeaseInode {
  public:
   PreparedLeaseInode() = default;
-  // `spares`: names of this user's spares (list_spares), tried from a random one on.
+  // `spares`: names of this user's spares in `directory` (LeaseScan::spares or list_spares),
+  // tried from a random one on.
   // `or_tmpfile` = false: a spare or nothing.
   explicit PreparedLeaseInode(const std::string& directory, const std::vector<std::string>& spares = {},
                               bool or_tmpfile = true);
@@ -99,15 +100,15 @@ class PreparedLeaseInode {
   std::string spare_;
 };
 
-// Where `uid`'s spares live in state directory `directory`, and that directory opened (made
-// first if `create`): -1 unless it is `uid`'s own and writable by nobody else.
-std::string spare_directory(const std::string& directory, uid_t uid);
-int open_spare_directory(const std::string& directory, uid_t uid, bool create);
-// A fresh name for a spare in its directory.
-std::string new_spare_name();
-// The names of `uid`'s spares (one readdir). Past kMostSpares, the rest are deleted.
+// The prefix of `uid`'s spares' names, and a fresh name for one. Anyone can create a file of such
+// a name in the sticky state directory; only one owned by `uid`, with no other name, is used.
+std::string spare_prefix(uid_t uid);
+std::string new_spare_name(uid_t uid);
+// The names of `uid`'s spares (one readdir; LeaseScan::refresh lists them on its way). Past
+// kMostSpares, trim_spares deletes the rest.
 std::vector<std::string> list_spares(const std::string& directory, uid_t uid);
 inline constexpr std::size_t kMostSpares = 256;
+void trim_spares(int directory_fd, std::vector<std::string>& spares);
 
 // Writes a lease file atomically (temp file + rename, replacing any file of the same id) and
 // returns its fd, flock'ed exclusively *before* it becomes visible, so no reader can ever see it
@@ -185,6 +186,8 @@ class LeaseScan {
   void refresh(std::vector<std::string>* warnings, const Snapshot* published_after = nullptr);
   // What the latest refresh charged from names, by NVML index: bytes, in full.
   const OutstandingReservations& charged_by_name() const { return charged_by_name_; }
+  // The latest refresh's names of this user's spare lease inodes (see PreparedLeaseInode).
+  const std::vector<std::string>& spares() const { return spares_; }
 
   // The live leases as of the latest refresh, oldest first: copies, or the scan's own records
   // (valid until the next refresh; charge_leases fills their in_use_bytes).
@@ -213,6 +216,7 @@ class LeaseScan {
   std::size_t files_read_ = 0;
   std::size_t names_charged_ = 0;
   OutstandingReservations charged_by_name_;
+  std::vector<std::string> spares_;
 };
 
 // What select-and-reserve reads before the host lock, against the snapshot it will decide on.

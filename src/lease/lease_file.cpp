@@ -318,55 +318,40 @@ Result<LeaseRecord> read_lease_document(const std::string& text) {
   }
 }
 
-std::string spare_directory(const std::string& directory, uid_t uid) {
-  return directory + "/spares-" + std::to_string(uid);
-}
+std::string spare_prefix(uid_t uid) { return ".spare-" + std::to_string(uid) + "-"; }
 
-int open_spare_directory(const std::string& directory, uid_t uid, bool create) {
-  const std::string path = spare_directory(directory, uid);
-  if (create) (void)::mkdir(path.c_str(), 0700);  // EEXIST: checked below like any other
-  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-  if (fd < 0) return -1;
-  // Another user may have made this name first (a directory of theirs, or a symlink, which
-  // O_NOFOLLOW refused): then this user has no spares, and leases are made as new files.
-  struct stat info {};
-  if (::fstat(fd, &info) != 0 || info.st_uid != uid || (info.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
-}
-
-std::string new_spare_name() {
+std::string new_spare_name(uid_t uid) {
   std::uint32_t random = 0;
   if (::getrandom(&random, sizeof random, GRND_NONBLOCK) != ssize_t(sizeof random)) {
     random = std::uint32_t(std::random_device()());
   }
-  char name[16];
-  std::snprintf(name, sizeof name, "%08x", unsigned(random));
-  return name;
+  char tail[16];
+  std::snprintf(tail, sizeof tail, "%08x", unsigned(random));
+  return spare_prefix(uid) + tail;
+}
+
+void trim_spares(int directory_fd, std::vector<std::string>& spares) {
+  while (spares.size() > kMostSpares) {
+    const int spare = ::openat(directory_fd, spares.back().c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    struct stat info {};
+    // Only an unclaimed spare of this user's (another's is not ours to delete, nor can we).
+    if (spare >= 0 && ::fstat(spare, &info) == 0 && info.st_uid == ::geteuid() && ::flock(spare, LOCK_EX | LOCK_NB) == 0) {
+      ::unlinkat(directory_fd, spares.back().c_str(), 0);
+    }
+    if (spare >= 0) ::close(spare);
+    spares.pop_back();
+  }
 }
 
 std::vector<std::string> list_spares(const std::string& directory, uid_t uid) {
   std::vector<std::string> spares;
-  const int fd = open_spare_directory(directory, uid, /*create=*/false);
-  if (fd < 0) return spares;
-  DIR* dir = ::fdopendir(fd);
-  if (dir == nullptr) {
-    ::close(fd);
-    return spares;
-  }
+  DIR* dir = ::opendir(directory.c_str());
+  if (dir == nullptr) return spares;
+  const std::string prefix = spare_prefix(uid);
   while (const dirent* entry = ::readdir(dir)) {
-    if (entry->d_name[0] != '.') spares.emplace_back(entry->d_name);
+    if (std::string_view(entry->d_name).substr(0, prefix.size()) == prefix) spares.emplace_back(entry->d_name);
   }
-  // More than anyone needs at once (they only accumulate past a user's peak of leases held at
-  // once): delete the rest, unless a launch has claimed one.
-  while (spares.size() > kMostSpares) {
-    const int spare = ::openat(::dirfd(dir), spares.back().c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-    if (spare >= 0 && ::flock(spare, LOCK_EX | LOCK_NB) == 0) ::unlinkat(::dirfd(dir), spares.back().c_str(), 0);
-    if (spare >= 0) ::close(spare);
-    spares.pop_back();
-  }
+  trim_spares(::dirfd(dir), spares);
   ::closedir(dir);
   return spares;
 }
@@ -398,16 +383,16 @@ PreparedLeaseInode::PreparedLeaseInode(const std::string& directory, const std::
     // rarely try to claim the same.
     std::uint32_t random = 0;
     (void)::getrandom(&random, sizeof random, GRND_NONBLOCK);
-    const int spare_fd = open_spare_directory(directory, ::geteuid(), /*create=*/false);
-    for (std::size_t i = 0; spare_fd >= 0 && i < spares.size() && i < 8; ++i) {
+    const int directory_fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    for (std::size_t i = 0; directory_fd >= 0 && i < spares.size() && i < 8; ++i) {
       const std::string& name = spares[(random + i) % spares.size()];
-      fd_ = claim_spare(spare_fd, name);
+      fd_ = claim_spare(directory_fd, name);
       if (fd_ >= 0) {
-        spare_ = spare_directory(directory, ::geteuid()) + "/" + name;
+        spare_ = directory + "/" + name;
         break;
       }
     }
-    if (spare_fd >= 0) ::close(spare_fd);
+    if (directory_fd >= 0) ::close(directory_fd);
     if (fd_ >= 0) return;
   }
   if (!or_tmpfile) return;
@@ -567,7 +552,7 @@ Result<void> HeldLease::reassign(pid_t holder_pid) {
   // first, so that the rename below does not delete it), so a reassign creates no inode.
   lease_internal::PreparedLeaseInode prepared(directory, lease_internal::list_spares(directory, ::geteuid()),
                                               /*or_tmpfile=*/false);
-  const std::string kept = lease_internal::spare_directory(directory, ::geteuid()) + "/" + lease_internal::new_spare_name();
+  const std::string kept = directory + "/" + lease_internal::new_spare_name(::geteuid());
   const bool keeping = prepared.is_spare() && ::link(record_.path.c_str(), kept.c_str()) == 0;
   auto fd = lease_internal::write_lease_file(directory, next, /*lock_it=*/true, &prepared, /*replace=*/true);
   if (!fd) {
@@ -586,12 +571,10 @@ void HeldLease::release() {
     // Renamed or unlinked first, then unlocked: never visible unlocked. Kept as a spare for this
     // user's next lease (PreparedLeaseInode) rather than deleted.
     const std::string directory = record_.path.substr(0, record_.path.rfind('/'));
-    const int spares = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
-    if (spares < 0 || ::renameat2(AT_FDCWD, record_.path.c_str(), spares, lease_internal::new_spare_name().c_str(),
-                                  RENAME_NOREPLACE) != 0) {
+    const std::string spare = directory + "/" + lease_internal::new_spare_name(::geteuid());
+    if (::renameat2(AT_FDCWD, record_.path.c_str(), AT_FDCWD, spare.c_str(), RENAME_NOREPLACE) != 0) {
       ::unlink(record_.path.c_str());
     }
-    if (spares >= 0) ::close(spares);
   }
   record_.path.clear();
   if (fd_ >= 0) ::close(fd_);

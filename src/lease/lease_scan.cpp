@@ -173,9 +173,15 @@ void LeaseScan::refresh(std::vector<std::string>* warnings, const Snapshot* publ
   }
   ++generation_;
   charged_by_name_.clear();
+  spares_.clear();
+  const std::string my_spares = spare_prefix(::geteuid());
   std::vector<std::string> tags;
   while (const dirent* entry = ::readdir(dir)) {
     const std::string_view name = entry->d_name;
+    if (name[0] == '.') {
+      if (name.substr(0, my_spares.size()) == my_spares) spares_.emplace_back(name);
+      continue;
+    }
     if (!is_lease_file_name(name)) continue;
     const ino_t inode = entry->d_ino;
     // The same name with the same inode is the same file — for a live lease because this scan
@@ -214,6 +220,7 @@ void LeaseScan::refresh(std::vector<std::string>* warnings, const Snapshot* publ
     }
     seen_.emplace(std::string(name), std::move(seen));
   }
+  trim_spares(::dirfd(dir), spares_);
   ::closedir(dir);
   std::erase_if(seen_, [this](const auto& entry) {  // names no longer listed; closes their files
     if (entry.second.listed_in == generation_) return false;

@@ -215,7 +215,7 @@ LeaseRecord holder_identity(const ReserveRequest& request) {
 LedgerView view_before_lock(const std::string& directory, const Snapshot& snapshot, std::vector<std::string>* warnings) {
   LedgerView view{LeaseScan(directory), {}, {}, true};
   view.scan.refresh(warnings);
-  view.inode = PreparedLeaseInode(directory, list_spares(directory, ::geteuid()));
+  view.inode = PreparedLeaseInode(directory, view.scan.spares());
   charge_leases(view.scan.live_records(), snapshot, view.facts);  // for the /proc facts it reads; redone under the lock
   return view;
 }

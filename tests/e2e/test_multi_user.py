@@ -224,24 +224,21 @@ def test_a_user_cannot_split_the_host_lock(shared, users):
 
 
 def test_released_leases_are_kept_as_spares_each_user_for_itself(shared, users):
-    # A finished `run` keeps its lease's inode in spares-<uid>/ for that user's next lease; no user
-    # can reach another's, and a directory planted under another user's name is not used.
+    # A finished `run` keeps its lease's inode as .spare-<uid>-… for that user's next lease; a file
+    # planted under another user's spare name is never used (nor written).
     a_uid, b_uid = users["gpuslot-a"].pw_uid, users["gpuslot-b"].pw_uid
-    planted = shared.state / ("spares-%d" % b_uid)
-    shared.python_as("gpuslot-a", "import os, sys, json; os.mkdir(sys.argv[1], 0o777); os.chmod(sys.argv[1], 0o777);"
-                     " print(json.dumps(True))", planted)
+    planted = shared.state / (".spare-%d-planted" % b_uid)
+    shared.python_as("gpuslot-a", "import sys, json; open(sys.argv[1], 'w').write('mine'); print(json.dumps(True))", planted)
     for user in ("gpuslot-a", "gpuslot-b"):
         shared.gpuslot(user, "run", "--mem", "1G", "--", "true", check=0)
-    spares_a = shared.state / ("spares-%d" % a_uid)
-    info = os.stat(spares_a)
-    assert (info.st_uid, info.st_mode & 0o7777) == (a_uid, 0o700)
-    assert len(os.listdir(spares_a)) == 1
-    assert os.listdir(planted) == [], "b's lease was not put where a could reach it"
-    assert [lease for lease in shared.leases("root")] == []
-    outcome = shared.python_as("gpuslot-b", "import os, sys, json\n"
-                               "try:\n    os.listdir(sys.argv[1]); print(json.dumps('listed'))\n"
-                               "except PermissionError:\n    print(json.dumps('refused'))", spares_a)
-    assert outcome == "refused"
-    inode = os.stat(spares_a / os.listdir(spares_a)[0]).st_ino
-    lease = shared.hold("gpuslot-a", "1G")
-    assert os.stat(lease_file(shared.state, lease["id"])).st_ino == inode, "a's next lease is its spare"
+    spares = {}
+    for path in shared.state.iterdir():
+        if path.name.startswith(".spare-") and path != planted:
+            spares.setdefault(path.stat().st_uid, []).append(path)
+    assert {uid: len(paths) for uid, paths in spares.items()} == {a_uid: 1, b_uid: 1}
+    assert all(path.name.startswith(".spare-%d-" % uid) for uid, paths in spares.items() for path in paths)
+    assert shared.leases("root") == []
+    inode = spares[b_uid][0].stat().st_ino
+    lease = shared.hold("gpuslot-b", "1G")
+    assert os.stat(lease_file(shared.state, lease["id"])).st_ino == inode, "b's next lease is its spare"
+    assert planted.read_text() == "mine"

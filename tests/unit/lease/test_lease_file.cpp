@@ -473,19 +473,24 @@ std::string text_of(const std::filesystem::path& path) {
   return std::string(std::istreambuf_iterator<char>(file), {});
 }
 
+std::vector<std::string> spares_in(const std::filesystem::path& directory) {
+  std::vector<std::string> spares;
+  for (const auto& name : names_in(directory)) {
+    if (name.rfind(lease_internal::spare_prefix(::geteuid()), 0) == 0) spares.push_back(name);
+  }
+  return spares;
+}
+
 TEST_F(LedgerTest, AReleasedLeasesInodeBecomesASpareAndThenTheNextLeasesFile) {
   Ledger ledger(directory_.string());
-  const auto spares = std::filesystem::path(lease_internal::spare_directory(directory_.string(), ::geteuid()));
   auto first = reserve(ledger, 2 * kGiB, one_gpu());
   ASSERT_TRUE(first.ok() && first->lease);
   const ino_t inode = inode_of(first->lease->record().path);
   first->lease->release();
   ASSERT_TRUE(ledger.live_leases().empty()) << "released at once, as before";
-  ASSERT_EQ(names_in(spares).size(), 1u) << "kept, not deleted";
-  EXPECT_EQ(inode_of(spares / names_in(spares)[0]), inode);
-  struct stat directory_info {};
-  ASSERT_EQ(::stat(spares.c_str(), &directory_info), 0);
-  EXPECT_EQ(directory_info.st_mode & 07777, 0700u) << "the user's own";
+  ASSERT_EQ(spares_in(directory_).size(), 1u) << "kept, not deleted";
+  EXPECT_EQ(names_in(directory_).size(), 1u) << "and nothing else";
+  EXPECT_EQ(inode_of(directory_ / spares_in(directory_)[0]), inode);
 
   ::mode_t old_umask = ::umask(077);
   auto second = reserve(ledger, 3 * kGiB, one_gpu());
@@ -493,7 +498,7 @@ TEST_F(LedgerTest, AReleasedLeasesInodeBecomesASpareAndThenTheNextLeasesFile) {
   ASSERT_TRUE(second.ok() && second->lease);
   const std::string path = second->lease->record().path;
   EXPECT_EQ(inode_of(path), inode) << "the spare was used, no inode made";
-  EXPECT_TRUE(names_in(spares).empty());
+  EXPECT_TRUE(spares_in(directory_).empty());
   struct stat info {};
   ASSERT_EQ(::stat(path.c_str(), &info), 0);
   EXPECT_EQ(info.st_mode & 07777, 0644u);
@@ -511,19 +516,17 @@ TEST_F(LedgerTest, AReleasedLeasesInodeBecomesASpareAndThenTheNextLeasesFile) {
 
 TEST_F(LedgerTest, ASpareIsNeverTakenWhenLinkedElsewhereASymlinkOrClaimed) {
   const std::string directory = directory_.string();
-  const auto spares = std::filesystem::path(lease_internal::spare_directory(directory, ::geteuid()));
-  const int made = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
-  ASSERT_GE(made, 0);
-  ::close(made);
+  const std::string prefix = lease_internal::spare_prefix(::geteuid());
   // A file of this user's linked in (its other name elsewhere), a symlink to one, and a spare
   // another launch has claimed: none may be written.
   const auto victim = directory_ / "victim";
   std::ofstream(victim) << "precious";
-  std::filesystem::create_hard_link(victim, spares / "linked");
-  std::filesystem::create_symlink(victim, spares / "symlink");
-  std::ofstream(spares / "claimed") << "x";
-  const int claimer = ::open((spares / "claimed").c_str(), O_RDONLY | O_CLOEXEC);
+  std::filesystem::create_hard_link(victim, directory_ / (prefix + "linked"));
+  std::filesystem::create_symlink(victim, directory_ / (prefix + "symlink"));
+  std::ofstream(directory_ / (prefix + "claimed")) << "x";
+  const int claimer = ::open((directory_ / (prefix + "claimed")).c_str(), O_RDONLY | O_CLOEXEC);
   ASSERT_EQ(::flock(claimer, LOCK_EX | LOCK_NB), 0);
+  ASSERT_EQ(lease_internal::list_spares(directory, ::geteuid()).size(), 3u);
   lease_internal::PreparedLeaseInode only_spares(directory, lease_internal::list_spares(directory, ::geteuid()),
                                                 /*or_tmpfile=*/false);
   EXPECT_TRUE(only_spares.empty());
@@ -535,31 +538,34 @@ TEST_F(LedgerTest, ASpareIsNeverTakenWhenLinkedElsewhereASymlinkOrClaimed) {
   ::close(*fd);
   ::close(claimer);
   EXPECT_EQ(text_of(victim), "precious");
-  EXPECT_EQ(text_of(spares / "claimed"), "x");
+  EXPECT_EQ(text_of(directory_ / (prefix + "claimed")), "x");
 }
 
-TEST_F(LedgerTest, ASpareDirectoryOthersCanWriteIsNotUsed) {
+TEST_F(LedgerTest, SparesAreNotLeasesAndAnotherUsersNameIsNotTrusted) {
+  // A spare is invisible to every reader; a file named as this user's spare but owned by another
+  // (here: a lease file of another uid's name, faked by claiming a spare of uid + 1) is not used.
   Ledger ledger(directory_.string());
-  const std::string spares = lease_internal::spare_directory(directory_.string(), ::geteuid());
-  ASSERT_EQ(::mkdir(spares.c_str(), 0700), 0);
-  ASSERT_EQ(::chmod(spares.c_str(), 0777), 0);
-  EXPECT_LT(lease_internal::open_spare_directory(directory_.string(), ::geteuid(), /*create=*/true), 0);
   auto taken = reserve(ledger, 2 * kGiB, one_gpu());
   ASSERT_TRUE(taken.ok() && taken->lease);
-  const std::string path = taken->lease->record().path;
   taken->lease->release();
-  EXPECT_FALSE(std::filesystem::exists(path));
-  EXPECT_TRUE(names_in(spares).empty()) << "deleted, not kept where others could reach it";
+  EXPECT_TRUE(ledger.live_leases().empty());
+  EXPECT_TRUE(lease_internal::list_spares(directory_.string(), ::geteuid() + 1).empty());
+  const auto mine = lease_internal::list_spares(directory_.string(), ::geteuid());
+  ASSERT_EQ(mine.size(), 1u);
+  if (::geteuid() == 0) {
+    ASSERT_EQ(::chown((directory_ / mine[0]).c_str(), 12345, 12345), 0);
+    lease_internal::PreparedLeaseInode prepared(directory_.string(), mine, /*or_tmpfile=*/false);
+    EXPECT_TRUE(prepared.empty()) << "owned by another uid";
+  }
 }
 
 TEST_F(LedgerTest, AReassignWithASpareMakesNoInodeAndKeepsTheOldOne) {
   Ledger ledger(directory_.string());
-  const auto spares = std::filesystem::path(lease_internal::spare_directory(directory_.string(), ::geteuid()));
   auto spare = reserve(ledger, 1 * kGiB, one_gpu());
   ASSERT_TRUE(spare.ok() && spare->lease);
   spare->lease->release();
-  ASSERT_EQ(names_in(spares).size(), 1u);
-  const ino_t spare_inode = inode_of(spares / names_in(spares)[0]);
+  ASSERT_EQ(spares_in(directory_).size(), 1u);
+  const ino_t spare_inode = inode_of(directory_ / spares_in(directory_)[0]);
 
   ReserveRequest pending = request_of(2 * kGiB);
   pending.holder_pending = true;
@@ -574,8 +580,8 @@ TEST_F(LedgerTest, AReassignWithASpareMakesNoInodeAndKeepsTheOldOne) {
   ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());
   const std::string path = taken->lease->record().path;
   EXPECT_EQ(inode_of(path), new_inode) << "the reassigned file is the spare";
-  ASSERT_EQ(names_in(spares).size(), 1u);
-  EXPECT_EQ(inode_of(spares / names_in(spares)[0]), spare_inode) << "the old file is the spare now";
+  ASSERT_EQ(spares_in(directory_).size(), 1u);
+  EXPECT_EQ(inode_of(directory_ / spares_in(directory_)[0]), spare_inode) << "the old file is the spare now";
   auto live = ledger.live_leases();
   ASSERT_EQ(live.size(), 1u);
   EXPECT_EQ(live[0].holder_pid, ::getpid());
@@ -584,13 +590,10 @@ TEST_F(LedgerTest, AReassignWithASpareMakesNoInodeAndKeepsTheOldOne) {
 
 TEST_F(LedgerTest, SparesPastTheMostAreDeleted) {
   const std::string directory = directory_.string();
-  const auto spares = std::filesystem::path(lease_internal::spare_directory(directory, ::geteuid()));
-  const int made = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
-  ASSERT_GE(made, 0);
-  ::close(made);
-  for (std::size_t i = 0; i < lease_internal::kMostSpares + 3; ++i) std::ofstream(spares / std::to_string(i)) << "{}";
+  const std::string prefix = lease_internal::spare_prefix(::geteuid());
+  for (std::size_t i = 0; i < lease_internal::kMostSpares + 3; ++i) std::ofstream(directory_ / (prefix + std::to_string(i))) << "{}";
   EXPECT_EQ(lease_internal::list_spares(directory, ::geteuid()).size(), lease_internal::kMostSpares);
-  EXPECT_EQ(names_in(spares).size(), lease_internal::kMostSpares);
+  EXPECT_EQ(spares_in(directory_).size(), lease_internal::kMostSpares);
 }
 
 }  // namespace
