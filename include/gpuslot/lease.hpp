@@ -60,8 +60,9 @@ Result<std::string> open_state_directory(const std::optional<std::string>& reque
 // Start time of a process in clock ticks since boot (nullopt if it does not exist).
 std::optional<unsigned long long> process_start_ticks(pid_t pid);
 
-// A lease this process holds. Releasing (destructor or release()) removes the file; dying does
-// the same through the kernel dropping the lock.
+// A lease this process holds. Releasing (destructor or release()) ends it at once: the file is
+// renamed out of the leases (kept for this user's next lease) or removed. Dying ends it too,
+// through the kernel dropping the lock.
 class HeldLease {
  public:
   HeldLease(LeaseRecord record, int fd) : record_(std::move(record)), fd_(fd) {}
@@ -85,6 +86,7 @@ class HeldLease {
  private:
   LeaseRecord record_;
   int fd_ = -1;
+  std::vector<ino_t> former_inodes_;  // files this lease had before a reassign (never reused by it)
 };
 
 struct ReserveRequest {

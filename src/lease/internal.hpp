@@ -35,8 +35,10 @@ class HostLock {
 // "lease-<id>.r<bytes on each GPU>.g<NVML index>-<uuid_tag>[.g…].json". That lets a launch
 // charge a lease published while it waited for the host lock from the name its readdir already
 // gave, without opening the file (see LeaseScan::refresh). Names longer than
-// kLongestChargedName (many GPUs) fall back to the plain form. Only the holder can create or
-// rename its file in the sticky state directory, so a name claims no more than its contents.
+// kLongestChargedName (many GPUs) fall back to the plain form. A name is trusted like a file's
+// text: whoever creates a name (any user can, in the sticky state directory) can only add to what
+// is counted, and only for the moment until a later look reads the file; nobody but its owner
+// can rename or remove it.
 inline constexpr std::size_t kLongestChargedName = 240;
 std::string lease_file_name(const LeaseRecord& record);
 // 8 hex digits naming a GPU UUID in a file name (a check that the index still means that GPU).
@@ -79,9 +81,9 @@ class PreparedLeaseInode {
   PreparedLeaseInode() = default;
   // `spares`: names of this user's spares in `directory` (LeaseScan::spares or list_spares),
   // tried from a random one on.
-  // `or_tmpfile` = false: a spare or nothing.
+  // `or_tmpfile` = false: a spare or nothing. `excluded`: inodes never to take as spares.
   explicit PreparedLeaseInode(const std::string& directory, const std::vector<std::string>& spares = {},
-                              bool or_tmpfile = true);
+                              bool or_tmpfile = true, const std::vector<ino_t>& excluded = {});
   PreparedLeaseInode(PreparedLeaseInode&& other) noexcept
       : fd_(std::exchange(other.fd_, -1)), spare_(std::move(other.spare_)) {}
   PreparedLeaseInode& operator=(PreparedLeaseInode&& other) noexcept;
@@ -163,7 +165,8 @@ OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Sn
 // once under it: one readdir, and only names not seen before — or whose inode changed, i.e. that
 // were replaced by HeldLease::reassign — are read. Names no longer listed are forgotten; nothing
 // is used that the latest look did not list. Live leases' files stay open until the scan is
-// destroyed (at most 256 of them), which is what makes "same inode" mean "same file".
+// destroyed (at most 256 of them), which, with a lease never taking back an inode of its own,
+// is what makes "same name, same inode" mean "same file".
 class LeaseScan {
  public:
   explicit LeaseScan(std::string directory) : directory_(std::move(directory)) {}
@@ -183,7 +186,8 @@ class LeaseScan {
   // when it took another lease there has that memory counted twice, until a later look reads
   // the file. Such names are not remembered: a later refresh reads them. A name listed before
   // with another inode (replaced by HeldLease::reassign) is read, so its new holder is credited.
-  void refresh(std::vector<std::string>* warnings, const Snapshot* published_after = nullptr);
+  // False (and nothing remembered) if the directory cannot be listed.
+  bool refresh(std::vector<std::string>* warnings, const Snapshot* published_after = nullptr);
   // What the latest refresh charged from names, by NVML index: bytes, in full.
   const OutstandingReservations& charged_by_name() const { return charged_by_name_; }
   // The latest refresh's names of this user's spare lease inodes (see PreparedLeaseInode).

@@ -8,6 +8,7 @@
 
 #include <dirent.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -331,7 +332,13 @@ std::string new_spare_name(uid_t uid) {
 }
 
 void trim_spares(int directory_fd, std::vector<std::string>& spares) {
-  while (spares.size() > kMostSpares) {
+  // At most a few at a time: names planted by another user under this user's prefix cannot be
+  // deleted, and must not cost every launch a pass over all of them.
+  for (int tries = 0; spares.size() > kMostSpares; ++tries) {
+    if (tries == 8) {
+      spares.resize(kMostSpares);
+      break;
+    }
     const int spare = ::openat(directory_fd, spares.back().c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     struct stat info {};
     // Only an unclaimed spare of this user's (another's is not ours to delete, nor can we).
@@ -359,25 +366,43 @@ std::vector<std::string> list_spares(const std::string& directory, uid_t uid) {
 namespace {
 
 // Opens and claims one spare: this user's own regular file, with no other name (never one linked
-// in from elsewhere), not claimed by another launch of this user (flock). Then 0644. -1 if any of
-// that fails.
-int claim_spare(int directory_fd, const std::string& name) {
+// in from elsewhere), whose text is a lease of this user's (a file of the user's own that another
+// user hard-linked under a spare's name is never written), not claimed by another launch
+// (flock), and still under that name once locked: another launch may have claimed, published and
+// unlocked it (a `pick --hold` lease is published unlocked) between our open and our lock. Not
+// one of `excluded` (a lease's own former inodes, see HeldLease::reassign). Then 0644. -1 if any
+// of that fails.
+int claim_spare(int directory_fd, const std::string& name, const std::vector<ino_t>& excluded) {
   const int fd = ::openat(directory_fd, name.c_str(), O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) return -1;
+  struct CloseUnlessKept {
+    int fd;
+    ~CloseUnlessKept() { if (fd >= 0) ::close(fd); }
+  } file{fd};
   struct stat info {};
   if (::fstat(fd, &info) != 0 || !S_ISREG(info.st_mode) || info.st_uid != ::geteuid() || info.st_nlink != 1 ||
-      info.st_size > 65536 || ::flock(fd, LOCK_EX | LOCK_NB) != 0 ||
-      ((info.st_mode & 07777) != 0644 && ::fchmod(fd, 0644) != 0)) {
-    ::close(fd);
+      info.st_size > 65536 || std::find(excluded.begin(), excluded.end(), info.st_ino) != excluded.end() ||
+      ::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     return -1;
   }
+  struct stat named {};
+  if (::fstatat(directory_fd, name.c_str(), &named, AT_SYMLINK_NOFOLLOW) != 0 || named.st_ino != info.st_ino ||
+      named.st_dev != info.st_dev || named.st_nlink != 1) {
+    return -1;
+  }
+  std::string text(std::size_t(info.st_size), '\0');
+  const ssize_t n = ::pread(fd, text.data(), text.size(), 0);
+  text.resize(n > 0 ? std::size_t(n) : 0);
+  const auto record = from_json_text(text);
+  if (!record || record->uid != ::geteuid() || ((info.st_mode & 07777) != 0644 && ::fchmod(fd, 0644) != 0)) return -1;
+  file.fd = -1;
   return fd;
 }
 
 }  // namespace
 
 PreparedLeaseInode::PreparedLeaseInode(const std::string& directory, const std::vector<std::string>& spares,
-                                       bool or_tmpfile) {
+                                       bool or_tmpfile, const std::vector<ino_t>& excluded) {
   if (!spares.empty()) {
     // Launches started together list the same spares: each starts at a random one, so that they
     // rarely try to claim the same.
@@ -386,7 +411,7 @@ PreparedLeaseInode::PreparedLeaseInode(const std::string& directory, const std::
     const int directory_fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     for (std::size_t i = 0; directory_fd >= 0 && i < spares.size() && i < 8; ++i) {
       const std::string& name = spares[(random + i) % spares.size()];
-      fd_ = claim_spare(directory_fd, name);
+      fd_ = claim_spare(directory_fd, name, excluded);
       if (fd_ >= 0) {
         spare_ = directory + "/" + name;
         break;
@@ -438,11 +463,10 @@ bool write_text(int fd, const std::string& text) {
 // path, which reports any real failure.
 int publish_prepared(int fd, const std::string& spare, const std::string& final_path, const std::string& text,
                      bool lock_it, bool replace) {
-  // Already 0644 and locked (PreparedLeaseInode); a lease that lives by its expiry is not locked.
-  // A spare keeps its old text until now: overwritten, then cut to length (emptying it first
-  // would free its block, which costs a discard on some file systems, only to allocate one again).
-  if ((!lock_it && ::flock(fd, LOCK_UN) != 0) || !write_text(fd, text) ||
-      (!spare.empty() && ::ftruncate(fd, off_t(text.size())) != 0)) {
+  // Already 0644 and locked (PreparedLeaseInode). A spare keeps its old text until now:
+  // overwritten, then cut to length (emptying it first would free its block, which costs a
+  // discard on some file systems, only to allocate one again).
+  if (!write_text(fd, text) || (!spare.empty() && ::ftruncate(fd, off_t(text.size())) != 0)) {
     ::close(fd);
     return -1;
   }
@@ -463,6 +487,9 @@ int publish_prepared(int fd, const std::string& spare, const std::string& final_
     ::close(fd);
     return -1;
   }
+  // A lease that lives by its expiry is not locked: unlocked only once named, so that no other
+  // launch could claim it as a spare in between.
+  if (!lock_it) ::flock(fd, LOCK_UN);
   return fd;
 }
 
@@ -550,8 +577,12 @@ Result<void> HeldLease::reassign(pid_t holder_pid) {
   const std::string directory = record_.path.substr(0, record_.path.rfind('/'));
   // The new file is a spare where this user has one; the old inode becomes one (a second name
   // first, so that the rename below does not delete it), so a reassign creates no inode.
+  // A name that points to one of its own former inodes again would pass, for a reader that still
+  // holds that inode open from before, for the file it read then: never reuse those.
+  struct stat current {};
+  if (::fstat(fd_, &current) == 0) former_inodes_.push_back(current.st_ino);
   lease_internal::PreparedLeaseInode prepared(directory, lease_internal::list_spares(directory, ::geteuid()),
-                                              /*or_tmpfile=*/false);
+                                              /*or_tmpfile=*/false, former_inodes_);
   const std::string kept = directory + "/" + lease_internal::new_spare_name(::geteuid());
   const bool keeping = prepared.is_spare() && ::link(record_.path.c_str(), kept.c_str()) == 0;
   auto fd = lease_internal::write_lease_file(directory, next, /*lock_it=*/true, &prepared, /*replace=*/true);
@@ -560,6 +591,7 @@ Result<void> HeldLease::reassign(pid_t holder_pid) {
     return make_error(Errc::state, "cannot reassign lease " + record_.id + " to pid " + std::to_string(holder_pid) +
                                        ": " + fd.error().message + "; it still names pid " + std::to_string(record_.holder_pid));
   }
+  if (keeping) ::fchmod(fd_, 0600);  // a spare now (see release)
   ::close(fd_);  // only now: until the rename above, this lock kept the old file live
   fd_ = *fd;
   record_ = std::move(next);
@@ -570,9 +602,11 @@ void HeldLease::release() {
   if (!record_.path.empty()) {
     // Renamed or unlinked first, then unlocked: never visible unlocked. Kept as a spare for this
     // user's next lease (PreparedLeaseInode) rather than deleted.
+    // 0600 first: nobody else can open a spare, so nobody else can lock one and stall its reuse.
     const std::string directory = record_.path.substr(0, record_.path.rfind('/'));
     const std::string spare = directory + "/" + lease_internal::new_spare_name(::geteuid());
-    if (::renameat2(AT_FDCWD, record_.path.c_str(), AT_FDCWD, spare.c_str(), RENAME_NOREPLACE) != 0) {
+    if (fd_ < 0 || ::fchmod(fd_, 0600) != 0 ||
+        ::renameat2(AT_FDCWD, record_.path.c_str(), AT_FDCWD, spare.c_str(), RENAME_NOREPLACE) != 0) {
       ::unlink(record_.path.c_str());
     }
   }

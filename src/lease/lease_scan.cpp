@@ -5,9 +5,11 @@
 // leases that is hundreds of system calls, and every launch on the host waits while one holds
 // the lock. Select-and-reserve therefore reads every file before the lock, and under the lock
 // only lists the names again: a name still there with the same inode is the same file (a lease
-// file is never rewritten in place: it is published, and replaced by HeldLease::reassign, by
-// rename), so its record is reused; a new or replaced name is read; a name gone is dropped.
-// A lease that died between the two looks is still counted — it only errs on the safe side.
+// file is never rewritten while it has a lease's name: it is published, and replaced by
+// HeldLease::reassign, by rename; a released lease's inode may be rewritten as another lease, but
+// only under another, fresh name — see PreparedLeaseInode), so its record is reused; a new or
+// replaced name is read (or, new, charged from its name); a name gone is dropped. A lease that
+// died between the two looks is still counted — it only errs on the safe side.
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/file.h>
@@ -61,8 +63,9 @@ ReadOutcome read_lease(int directory_fd, const std::string& name, const std::str
       }
       return {std::nullopt, true};  // ENOENT: released while we listed the directory
     }
-    // Open until the end, also while the name is compared with it below: a closed inode's number
-    // can be reused at once by the holder's next replacement file, which would look the same.
+    // Open until the end, also while the name is compared with it below: a closed inode can be
+    // freed and its number reused at once by the holder's next replacement file, which would look
+    // the same.
     struct CloseUnlessKept {
       int fd;
       ~CloseUnlessKept() { if (fd >= 0) ::close(fd); }
@@ -84,10 +87,8 @@ ReadOutcome read_lease(int directory_fd, const std::string& name, const std::str
       // moved on then; only a file still under this name is what the name says.
       struct stat now {};
       if (::fstatat(directory_fd, name.c_str(), &now, AT_SYMLINK_NOFOLLOW) != 0) return {std::nullopt, errno == ENOENT};
-      if (now.st_ino != info.st_ino || now.st_dev != info.st_dev) {
-        if (attempt < kReadsOfAReplacedFile) continue;
-        return {std::nullopt, true};
-      }
+      if ((now.st_ino != info.st_ino || now.st_dev != info.st_dev) && attempt < kReadsOfAReplacedFile) continue;
+      // Replaced on every try: judged by its text below, as any file (counted if it is a lease).
     }
     if (!record) {
       warn(record.error().message);
@@ -100,7 +101,8 @@ ReadOutcome read_lease(int directory_fd, const std::string& name, const std::str
     bool live = record->expires_at_ms ? now_ms() < *record->expires_at_ms : locked;
     if (!live && !record->expires_at_ms) {
       // Checked after the lock probe: if the name still points to the inode found unlocked, its
-      // holder let go without replacing it, i.e. died (release() unlinks before it unlocks).
+      // holder let go without replacing it, i.e. died (release() renames or unlinks before it
+      // unlocks).
       struct stat now {};
       if (::fstatat(directory_fd, name.c_str(), &now, AT_SYMLINK_NOFOLLOW) != 0) return {std::nullopt, errno == ENOENT};
       if (now.st_ino != info.st_ino || now.st_dev != info.st_dev) {
@@ -164,12 +166,13 @@ bool charge_by_name(std::string_view name, const Snapshot& snapshot, std::vector
 
 }  // namespace
 
-void LeaseScan::refresh(std::vector<std::string>* warnings, const Snapshot* published_after) {
+bool LeaseScan::refresh(std::vector<std::string>* warnings, const Snapshot* published_after) {
   DIR* dir = ::opendir(directory_.c_str());
   if (dir == nullptr) {
     seen_.clear();
     pinned_ = 0;
-    return;
+    spares_.clear();
+    return false;
   }
   ++generation_;
   charged_by_name_.clear();
@@ -179,13 +182,15 @@ void LeaseScan::refresh(std::vector<std::string>* warnings, const Snapshot* publ
   while (const dirent* entry = ::readdir(dir)) {
     const std::string_view name = entry->d_name;
     if (name[0] == '.') {
-      if (name.substr(0, my_spares.size()) == my_spares) spares_.emplace_back(name);
+      // Spares are wanted by the look before the lock only (the locked one never claims any).
+      if (published_after == nullptr && name.substr(0, my_spares.size()) == my_spares) spares_.emplace_back(name);
       continue;
     }
     if (!is_lease_file_name(name)) continue;
     const ino_t inode = entry->d_ino;
     // The same name with the same inode is the same file — for a live lease because this scan
-    // still holds it open, so its inode number cannot have been reused by a replacement. A name
+    // still holds it open, so its inode number cannot have been reused by a new file, and a lease
+    // never takes one of its own former inodes back (HeldLease::reassign). A name
     // settled as not a lease (dead, corrupt, unsafe) is trusted by its inode alone: only a live
     // holder replaces its file, and lease ids are never reused. Inode 0: the file system does not
     // say, so read again rather than guess.
@@ -227,6 +232,7 @@ void LeaseScan::refresh(std::vector<std::string>* warnings, const Snapshot* publ
     if (entry.second.pin >= 0) --pinned_;
     return true;
   });
+  return true;
 }
 
 std::vector<LeaseRecord*> LeaseScan::live_records() {

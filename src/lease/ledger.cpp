@@ -238,14 +238,20 @@ Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request
   // - a name listed now but not by the look before the lock is a lease taken after the snapshot,
   //   charged in full from its name where the name says what it reserves (LeaseScan::refresh).
   const std::string& directory = ledger.directory();
-  view.scan.refresh(warnings, view.scanned_after_snapshot ? &snapshot : nullptr);
+  if (!view.scan.refresh(warnings, view.scanned_after_snapshot ? &snapshot : nullptr)) {
+    // Deciding without the leases would be deciding on a guess.
+    return make_error(Errc::state, "cannot list the leases in " + directory + ": " + std::strerror(errno) +
+                                       "; nothing was launched");
+  }
   const std::vector<LeaseRecord*> leases = view.scan.live_records();
   OutstandingReservations reservations = charge_leases(leases, snapshot, view.facts);
   for (const auto& [index, bytes] : view.scan.charged_by_name()) reservations[index] = add_saturating(reservations[index], bytes);
 
   // A `pick --hold` lease whose memory has shown up has done its job: end it early.
   for (const LeaseRecord* lease : leases) {
-    if (lease->expires_at_ms && lease->in_use_bytes >= lease->reserved_bytes * lease->gpu_uuids.size()) ::unlink(lease->path.c_str());
+    std::uint64_t held = 0;
+    for (std::size_t i = 0; i < lease->gpu_uuids.size(); ++i) held = add_saturating(held, lease->reserved_bytes);
+    if (lease->expires_at_ms && lease->in_use_bytes >= held) ::unlink(lease->path.c_str());
   }
 
   auto decision = select_gpus(request.requirements, snapshot, visibility_of(snapshot), reservations);

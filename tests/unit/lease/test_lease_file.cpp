@@ -588,6 +588,54 @@ TEST_F(LedgerTest, AReassignWithASpareMakesNoInodeAndKeepsTheOldOne) {
   EXPECT_EQ(live[0].reserved_bytes, 2 * kGiB);
 }
 
+TEST_F(LedgerTest, AFileUnderASparesNameIsTakenOnlyIfItIsALeaseOfThisUser) {
+  // With fs.protected_hardlinks off, another user could link one of this user's files under a
+  // spare's name and wait for its other name to go: nlink is 1 then. Its text gives it away.
+  const std::string prefix = lease_internal::spare_prefix(::geteuid());
+  std::ofstream(directory_ / (prefix + "planted")) << "precious";
+  LeaseRecord foreign = record_with_id("4-foreign");
+  foreign.uid = ::geteuid() + 1;
+  std::ofstream(directory_ / (prefix + "foreign")) << lease_internal::to_json_text(foreign);
+  lease_internal::PreparedLeaseInode prepared(directory_.string(), lease_internal::list_spares(directory_.string(), ::geteuid()),
+                                             /*or_tmpfile=*/false);
+  EXPECT_TRUE(prepared.empty());
+  EXPECT_EQ(text_of(directory_ / (prefix + "planted")), "precious");
+}
+
+TEST_F(LedgerTest, AReassignNeverTakesBackAnInodeItsLeaseHadBefore) {
+  // A reader still holding the lease's first file open would take the name pointing to that inode
+  // again for the file it read, holder and all.
+  Ledger ledger(directory_.string());
+  auto a = reserve(ledger, 1 * kGiB, one_gpu());
+  ASSERT_TRUE(a.ok() && a->lease);
+  a->lease->release();  // spare A
+  ReserveRequest pending = request_of(2 * kGiB);
+  pending.holder_pending = true;
+  auto taken = reserve(ledger, pending, one_gpu());  // takes spare A
+  ASSERT_TRUE(taken.ok() && taken->lease);
+  const ino_t first = inode_of(taken->lease->record().path);
+  auto b = reserve(ledger, 1 * kGiB, one_gpu());
+  ASSERT_TRUE(b.ok() && b->lease);
+  b->lease->release();  // spare B
+  ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());  // takes B, keeps A as a spare
+  ASSERT_EQ(spares_in(directory_).size(), 1u);
+  ASSERT_EQ(inode_of(directory_ / spares_in(directory_)[0]), first);
+  ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());  // A is the only spare, and it is excluded
+  EXPECT_NE(inode_of(taken->lease->record().path), first);
+  EXPECT_EQ(ledger.live_leases().size(), 1u);
+}
+
+TEST_F(LedgerTest, AReleasedLeasesSpareIsReadableByNobodyElse) {
+  Ledger ledger(directory_.string());
+  auto taken = reserve(ledger, 1 * kGiB, one_gpu());
+  ASSERT_TRUE(taken.ok() && taken->lease);
+  taken->lease->release();
+  ASSERT_EQ(spares_in(directory_).size(), 1u);
+  struct stat info {};
+  ASSERT_EQ(::stat((directory_ / spares_in(directory_)[0]).c_str(), &info), 0);
+  EXPECT_EQ(info.st_mode & 07777, 0600u) << "so no other user can open, and lock, a spare";
+}
+
 TEST_F(LedgerTest, SparesPastTheMostAreDeleted) {
   const std::string directory = directory_.string();
   const std::string prefix = lease_internal::spare_prefix(::geteuid());

@@ -84,6 +84,30 @@ TEST_F(LeaseScanTest, ChargesNamedOutOfRangeSaturateInsteadOfWrapping) {
   EXPECT_FALSE(mine->lease) << mine->decision.verdicts[0].reason;
 }
 
+TEST_F(LeaseScanTest, AStateDirectoryThatCannotBeListedUnderTheLockIsNotDecidedOn) {
+  // Out of file descriptors under the lock: the leases cannot be listed, so nothing is decided
+  // (before, the look under the lock counted no lease at all).
+  Ledger ledger(directory_.string());
+  const Snapshot snapshot = one_gpu();
+  auto other = reserve(ledger, 20 * kGiB, snapshot);
+  ASSERT_TRUE(other.ok() && other->lease);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    LedgerView view = view_before_lock(ledger.directory(), snapshot, nullptr);
+    auto lock = HostLock::acquire(ledger.directory());
+    if (!lock) ::_exit(2);
+    while (::dup(0) >= 0) {
+    }
+    auto mine = reserve_locked(ledger, request_of(10 * kGiB), holder_identity(request_of(10 * kGiB)), snapshot,
+                               all_visible, /*take=*/true, view, nullptr);
+    ::_exit(!mine.ok() && mine.error().code == Errc::state ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: decided without the leases; 2: no lock";
+}
+
 TEST_F(LeaseScanTest, LeaseReleasedBetweenScanAndLockIsDropped) {
   Ledger ledger(directory_.string());
   const Snapshot snapshot = one_gpu();
