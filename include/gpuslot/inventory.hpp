@@ -67,4 +67,7 @@ struct ProcessIdentity {
 };
 ProcessIdentity identify_process(pid_t pid);
 
+// The name of user `uid`: /etc/passwd read directly, else NSS (LDAP, sssd), else the number.
+std::string user_name_of(uid_t uid);
+
 }  // namespace gpuslot

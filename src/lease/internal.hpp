@@ -52,6 +52,8 @@ struct NamedCharge {
 };
 // What a charged name says; nullopt for a plain or malformed name.
 std::optional<NamedCharge> charge_from_name(std::string_view name);
+// Whether `name` is the file name of lease `id`, in either form lease_file_name gives.
+bool is_named_for(std::string_view name, std::string_view id);
 
 // Serialises a record to its file's JSON text and back. Parsing rejects anything incomplete.
 std::string to_json_text(const LeaseRecord& record);
@@ -252,6 +254,8 @@ Result<Reservation> reserve_locked(Ledger& ledger, const ReserveRequest& request
 // wrap a GPU's total round to a small number.
 inline std::uint64_t add_saturating(std::uint64_t a, std::uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; }
 
+// 32 random bits (getrandom; std::random_device only where that fails).
+std::uint32_t random_u32();
 // New random lease id: "<pid>-<8 hex>".
 std::string new_lease_id();
 

@@ -27,7 +27,7 @@ std::int64_t now_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
-std::string new_lease_id() {
+std::uint32_t random_u32() {
   // getrandom(2), not std::random_device: constructing one probes the CPU with cpuid, which traps
   // to the hypervisor in a VM (40 µs measured on KVM) — paid by every launch.
   std::uint32_t random = 0;
@@ -35,8 +35,12 @@ std::string new_lease_id() {
     std::random_device device;  // no getrandom (very old kernel) or not seeded yet
     random = std::uint32_t(device());
   }
+  return random;
+}
+
+std::string new_lease_id() {
   char buffer[32];
-  std::snprintf(buffer, sizeof buffer, "%d-%08x", int(::getpid()), unsigned(random));
+  std::snprintf(buffer, sizeof buffer, "%d-%08x", int(::getpid()), unsigned(random_u32()));
   return buffer;
 }
 
@@ -112,6 +116,16 @@ std::optional<NamedCharge> charge_from_name(std::string_view name) {
   }
   if (charge.gpu_count == 0) return std::nullopt;
   return charge;
+}
+
+bool is_named_for(std::string_view name, std::string_view id) {
+  constexpr std::string_view kPrefix = "lease-", kSuffix = ".json";
+  if (name.size() == kPrefix.size() + id.size() + kSuffix.size() && name.substr(0, kPrefix.size()) == kPrefix &&
+      name.substr(kPrefix.size(), id.size()) == id && name.substr(kPrefix.size() + id.size()) == kSuffix) {
+    return true;
+  }
+  const auto charge = charge_from_name(name);
+  return charge && charge->id == id;
 }
 
 std::string to_json_text(const LeaseRecord& record) {
@@ -322,12 +336,8 @@ Result<LeaseRecord> read_lease_document(const std::string& text) {
 std::string spare_prefix(uid_t uid) { return ".spare-" + std::to_string(uid) + "-"; }
 
 std::string new_spare_name(uid_t uid) {
-  std::uint32_t random = 0;
-  if (::getrandom(&random, sizeof random, GRND_NONBLOCK) != ssize_t(sizeof random)) {
-    random = std::uint32_t(std::random_device()());
-  }
   char tail[16];
-  std::snprintf(tail, sizeof tail, "%08x", unsigned(random));
+  std::snprintf(tail, sizeof tail, "%08x", unsigned(random_u32()));
   return spare_prefix(uid) + tail;
 }
 
@@ -406,8 +416,7 @@ PreparedLeaseInode::PreparedLeaseInode(const std::string& directory, const std::
   if (!spares.empty()) {
     // Launches started together list the same spares: each starts at a random one, so that they
     // rarely try to claim the same.
-    std::uint32_t random = 0;
-    (void)::getrandom(&random, sizeof random, GRND_NONBLOCK);
+    const std::uint32_t random = random_u32();
     const int directory_fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     for (std::size_t i = 0; directory_fd >= 0 && i < spares.size() && i < 8; ++i) {
       const std::string& name = spares[(random + i) % spares.size()];
@@ -459,8 +468,9 @@ bool write_text(int fd, const std::string& text) {
   return true;
 }
 
-// Fills and names a prepared inode (`spare`: its path as a spare, "" for an O_TMPFILE file). -1 (and the fd closed) when it cannot be named here; the caller then takes the ordinary
-// path, which reports any real failure.
+// Fills and names a prepared inode (`spare`: its path as a spare, "" for an O_TMPFILE file). -1
+// (and the fd closed) when it cannot be named here; the caller then takes the ordinary path,
+// which reports any real failure.
 int publish_prepared(int fd, const std::string& spare, const std::string& final_path, const std::string& text,
                      bool lock_it, bool replace) {
   // Already 0644 and locked (PreparedLeaseInode). A spare keeps its old text until now:
@@ -601,12 +611,14 @@ Result<void> HeldLease::reassign(pid_t holder_pid) {
 void HeldLease::release() {
   if (!record_.path.empty()) {
     // Renamed or unlinked first, then unlocked: never visible unlocked. Kept as a spare for this
-    // user's next lease (PreparedLeaseInode) rather than deleted.
-    // 0600 first: nobody else can open a spare, so nobody else can lock one and stall its reuse.
+    // user's next lease (PreparedLeaseInode) rather than deleted, and made 0600 once it is one
+    // (not before: other users would stop seeing a lease still under its name): nobody else can
+    // then open a spare, so nobody else can lock one and stall its reuse.
     const std::string directory = record_.path.substr(0, record_.path.rfind('/'));
     const std::string spare = directory + "/" + lease_internal::new_spare_name(::geteuid());
-    if (fd_ < 0 || ::fchmod(fd_, 0600) != 0 ||
-        ::renameat2(AT_FDCWD, record_.path.c_str(), AT_FDCWD, spare.c_str(), RENAME_NOREPLACE) != 0) {
+    if (fd_ >= 0 && ::renameat2(AT_FDCWD, record_.path.c_str(), AT_FDCWD, spare.c_str(), RENAME_NOREPLACE) == 0) {
+      ::fchmod(fd_, 0600);
+    } else {
       ::unlink(record_.path.c_str());
     }
   }

@@ -37,13 +37,6 @@ struct ReadOutcome {
 // not a live, well-formed lease owned by the uid it claims.
 // `name` is looked up in `directory_fd` (one path component, not the whole path each time);
 // `path` is the same file's full name, for messages and the record.
-// Whether `name` is the file name of lease `id` (in either form lease_file_name gives).
-bool is_named_for(std::string_view name, std::string_view id) {
-  if (name.size() == id.size() + 11 && name.substr(6, id.size()) == id) return true;  // "lease-" id ".json"
-  const auto charge = charge_from_name(name);
-  return charge && charge->id == id;
-}
-
 ReadOutcome read_lease(int directory_fd, const std::string& name, const std::string& path,
                        std::vector<std::string>* warnings) {
   auto warn = [&](const std::string& why) {

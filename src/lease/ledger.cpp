@@ -1,7 +1,5 @@
 // ledger.cpp — reading the leases, charging them against GPUs, and select-and-reserve.
 #include <dirent.h>
-#include <fcntl.h>
-#include <pwd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -20,60 +18,14 @@ using namespace lease_internal;
 
 namespace {
 
-// The name /etc/passwd gives `uid`, read directly: every launch records its user, and glibc's
-// getpwuid first tries nscd's socket twice and parses nsswitch.conf, about 50 µs of CPU on these
-// machines, several times the read itself. A uid the file does not list (LDAP, sssd) goes
-// through NSS as before.
-std::optional<std::string> user_name_in_passwd(uid_t uid) {
-  const int fd = ::open("/etc/passwd", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return std::nullopt;
-  std::string text;
-  char buffer[16384];
-  for (;;) {
-    const ssize_t n = ::read(fd, buffer, sizeof buffer);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0 || text.size() > (std::size_t(1) << 24)) break;
-    text.append(buffer, std::size_t(n));
-  }
-  ::close(fd);
-  const std::string wanted = std::to_string(uid);
-  std::string_view rest = text;
-  while (!rest.empty()) {
-    const std::size_t end = rest.find('\n');
-    const std::string_view line = rest.substr(0, end);
-    rest = end == std::string_view::npos ? std::string_view() : rest.substr(end + 1);
-    // name:password:uid:...; "+" and "-" lines are NIS compat entries, not users.
-    const std::size_t first = line.find(':');
-    if (first == 0 || first == std::string_view::npos || line[0] == '+' || line[0] == '-') continue;
-    const std::size_t second = line.find(':', first + 1);
-    if (second == std::string_view::npos) continue;
-    const std::size_t third = line.find(':', second + 1);
-    if (third == std::string_view::npos) continue;
-    if (line.substr(second + 1, third - second - 1) == wanted) return std::string(line.substr(0, first));
-  }
-  return std::nullopt;
-}
-
-std::string user_name(uid_t uid) {
-  if (auto name = user_name_in_passwd(uid)) return std::move(*name);
-  passwd entry{};
-  passwd* found = nullptr;
-  char buffer[1024];
-  if (getpwuid_r(uid, &entry, buffer, sizeof buffer, &found) == 0 && found != nullptr) return found->pw_name;
-  return std::to_string(uid);
-}
-
 // The file of lease `id`, in either form lease_file_name gives.
 std::optional<std::string> lease_file_of(const std::string& directory, const std::string& id) {
-  const std::string plain = "lease-" + id + ".json";
   DIR* dir = ::opendir(directory.c_str());
   if (dir == nullptr) return std::nullopt;
   std::optional<std::string> found;
   while (const dirent* entry = ::readdir(dir)) {
-    const std::string_view name = entry->d_name;
-    const auto charge = charge_from_name(name);
-    if (name == plain || (charge && charge->id == std::string_view(id))) {
-      found = directory + "/" + std::string(name);
+    if (is_named_for(entry->d_name, id)) {
+      found = directory + "/" + entry->d_name;
       break;
     }
   }
@@ -205,7 +157,7 @@ LeaseRecord holder_identity(const ReserveRequest& request) {
     record.holder_start_ticks = process_start_ticks(record.holder_pid).value_or(0);
   }
   record.uid = ::geteuid();
-  record.user = user_name(record.uid);
+  record.user = user_name_of(record.uid);
   record.reserved_bytes = request.requirements.memory_bytes;
   record.command = request.command;
   if (request.hold) record.holder_session = request.owner_session;
@@ -288,7 +240,7 @@ Result<void> Ledger::release(const std::string& id) {
     return make_error(Errc::bad_input, "no lease '" + id + "' in " + directory_ + " (see gpuslot leases)");
   }
   if (::unlink(path->c_str()) != 0) {
-    return make_error(Errc::state, "cannot release lease " + id + " of user " + user_name(info.st_uid) + ": " +
+    return make_error(Errc::state, "cannot release lease " + id + " of user " + user_name_of(info.st_uid) + ": " +
                                        std::strerror(errno) + "; only its holder or root can");
   }
   return {};

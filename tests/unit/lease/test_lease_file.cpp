@@ -559,23 +559,29 @@ TEST_F(LedgerTest, SparesAreNotLeasesAndAnotherUsersNameIsNotTrusted) {
   }
 }
 
+// Takes a 1 GiB lease and releases it, so that its file becomes a spare: that inode (0 if the
+// lease could not be taken).
+ino_t leave_a_spare(Ledger& ledger) {
+  auto taken = ledger.reserve(request_of(1 * kGiB), [] { return Result<Snapshot>(one_gpu()); }, all_visible, nullptr);
+  if (!taken.ok() || !taken->lease) return 0;
+  const ino_t inode = inode_of(taken->lease->record().path);
+  taken->lease->release();
+  return inode;
+}
+
 TEST_F(LedgerTest, AReassignWithASpareMakesNoInodeAndKeepsTheOldOne) {
   Ledger ledger(directory_.string());
-  auto spare = reserve(ledger, 1 * kGiB, one_gpu());
-  ASSERT_TRUE(spare.ok() && spare->lease);
-  spare->lease->release();
+  const ino_t spare_inode = leave_a_spare(ledger);
+  ASSERT_NE(spare_inode, 0u);
   ASSERT_EQ(spares_in(directory_).size(), 1u);
-  const ino_t spare_inode = inode_of(directory_ / spares_in(directory_)[0]);
 
   ReserveRequest pending = request_of(2 * kGiB);
   pending.holder_pending = true;
   auto taken = reserve(ledger, pending, one_gpu());  // uses the spare
   ASSERT_TRUE(taken.ok() && taken->lease);
   ASSERT_EQ(inode_of(taken->lease->record().path), spare_inode);
-  auto second_spare = reserve(ledger, 1 * kGiB, one_gpu());  // a new inode, made a spare next
-  ASSERT_TRUE(second_spare.ok() && second_spare->lease);
-  const ino_t new_inode = inode_of(second_spare->lease->record().path);
-  second_spare->lease->release();
+  const ino_t new_inode = leave_a_spare(ledger);  // a new inode, made a spare
+  ASSERT_NE(new_inode, 0u);
 
   ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());
   const std::string path = taken->lease->record().path;
@@ -606,17 +612,14 @@ TEST_F(LedgerTest, AReassignNeverTakesBackAnInodeItsLeaseHadBefore) {
   // A reader still holding the lease's first file open would take the name pointing to that inode
   // again for the file it read, holder and all.
   Ledger ledger(directory_.string());
-  auto a = reserve(ledger, 1 * kGiB, one_gpu());
-  ASSERT_TRUE(a.ok() && a->lease);
-  a->lease->release();  // spare A
+  const ino_t first = leave_a_spare(ledger);  // spare A
+  ASSERT_NE(first, 0u);
   ReserveRequest pending = request_of(2 * kGiB);
   pending.holder_pending = true;
   auto taken = reserve(ledger, pending, one_gpu());  // takes spare A
   ASSERT_TRUE(taken.ok() && taken->lease);
-  const ino_t first = inode_of(taken->lease->record().path);
-  auto b = reserve(ledger, 1 * kGiB, one_gpu());
-  ASSERT_TRUE(b.ok() && b->lease);
-  b->lease->release();  // spare B
+  ASSERT_EQ(inode_of(taken->lease->record().path), first);
+  ASSERT_NE(leave_a_spare(ledger), 0u);  // spare B
   ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());  // takes B, keeps A as a spare
   ASSERT_EQ(spares_in(directory_).size(), 1u);
   ASSERT_EQ(inode_of(directory_ / spares_in(directory_)[0]), first);
@@ -627,9 +630,7 @@ TEST_F(LedgerTest, AReassignNeverTakesBackAnInodeItsLeaseHadBefore) {
 
 TEST_F(LedgerTest, AReleasedLeasesSpareIsReadableByNobodyElse) {
   Ledger ledger(directory_.string());
-  auto taken = reserve(ledger, 1 * kGiB, one_gpu());
-  ASSERT_TRUE(taken.ok() && taken->lease);
-  taken->lease->release();
+  ASSERT_NE(leave_a_spare(ledger), 0u);
   ASSERT_EQ(spares_in(directory_).size(), 1u);
   struct stat info {};
   ASSERT_EQ(::stat((directory_ / spares_in(directory_)[0]).c_str(), &info), 0);
