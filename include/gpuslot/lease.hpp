@@ -79,6 +79,10 @@ class HeldLease {
   // the reason if `holder_pid` does not exist, the lease is no longer held (released, detached) or
   // the new file cannot be written; the old lease is then left as it was.
   Result<void> reassign(pid_t holder_pid);
+  // The descriptor whose open file holds the lease's lock. Sent to another process (SCM_RIGHTS),
+  // then detach()ed here, it hands the lease over: it then lives exactly as long as that process
+  // keeps the descriptor, which rebuilds it as HeldLease(record with path, descriptor).
+  int descriptor() const { return fd_; }
   // Keeps the file (for `pick --hold`, whose lease outlives this process by its expiry).
   void detach();
   void release();

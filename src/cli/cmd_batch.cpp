@@ -129,10 +129,15 @@ nlohmann::json job_json(const JobStatus& job, const std::string& logs_dir) {
   if (job.signal) object["signal"] = *job.signal;
   if (job.started_at) object["started_at"] = *job.started_at;
   if (job.ended_at) object["ended_at"] = *job.ended_at;
+  object["stdout"] = nullptr;
+  object["stderr"] = nullptr;
   if (job.attempts > 0) {
+    // A log that stayed empty is not kept (its inode is the next attempt's): null then.
     const std::string base = logs_dir + "/" + job.spec.name + "." + std::to_string(job.attempts);
-    object["stdout"] = base + ".out";
-    object["stderr"] = base + ".err";
+    for (const char* stream : {"stdout", "stderr"}) {
+      const std::string path = base + (stream[3] == 'o' ? ".out" : ".err");
+      if (::access(path.c_str(), F_OK) == 0) object[stream] = path;
+    }
   }
   return object;
 }

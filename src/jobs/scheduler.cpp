@@ -38,6 +38,9 @@ using namespace jobs_internal;
 namespace {
 
 constexpr auto kSnapshotMaxAge = std::chrono::milliseconds(20);
+// Starts per pass over the queue before the loop goes back to reap: short jobs end while the
+// queue is still being offered room, and their shepherds must not pile up as zombies.
+constexpr std::size_t kMostStartsPerPass = 16;
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -94,6 +97,7 @@ class Scheduler {
     groups_ = std::move(opened->groups);
     logs_dir_ = std::move(opened->logs_dir);
     logs_lock_fd_ = opened->lock_fd;
+    attempt_files_.emplace(logs_dir_);
     order_ = opened->order;
     // A group is offered room as one unit, at its largest member's size and its first member's
     // place, so its anchor (the first member) starts before the rest ask for its GPU.
@@ -151,8 +155,9 @@ class Scheduler {
     }
     const int poll_ms = int(options_.poll_interval.count());
     if ((waiting && !stopping_) || !adopted_.empty()) timeout_ms = timeout_ms < 0 ? poll_ms : std::min(timeout_ms, poll_ms);
-    pollfd fds[2] = {{signal_fd_, POLLIN, 0}, {inotify_fd_, POLLIN, 0}};
-    ::poll(fds, inotify_fd_ >= 0 && !stopping_ ? 2 : 1, timeout_ms);
+    if (dispatch_again_ && !stopping_) timeout_ms = 0;  // the last pass stopped at kMostStartsPerPass
+    pollfd fds[3] = {{signal_fd_, POLLIN, 0}, {shepherds_.ended_fd(), POLLIN, 0}, {inotify_fd_, POLLIN, 0}};
+    ::poll(fds, inotify_fd_ >= 0 && !stopping_ ? 3 : 2, timeout_ms);  // poll skips a negative fd
   }
 
   Result<void> handle_events() {
@@ -166,17 +171,22 @@ class Scheduler {
       while (::read(inotify_fd_, buffer, sizeof buffer) > 0) {
       }
     }
-    // Reap shepherds; record their outcomes in one transaction.
+    // Attempts that ended, then shepherds that died (an attempt they ran is concluded from its
+    // run file); their outcomes are recorded in one transaction.
     std::vector<std::size_t> changed;
+    auto conclude_running = [this, &changed](pid_t shepherd) {
+      auto it = running_.find(shepherd);
+      if (it == running_.end()) return;
+      Attempt attempt = std::move(it->second);
+      running_.erase(it);
+      conclude(attempt, changed);
+    };
+    for (pid_t shepherd : shepherds_.ended()) conclude_running(shepherd);
     while (true) {
       int status = 0;
       const pid_t pid = ::waitpid(-1, &status, WNOHANG);
       if (pid <= 0) break;
-      auto it = running_.find(pid);
-      if (it == running_.end()) continue;
-      Attempt attempt = std::move(it->second);
-      running_.erase(it);
-      conclude(attempt, changed);
+      if (shepherds_.forget(pid)) conclude_running(pid);
     }
     for (auto it = adopted_.begin(); it != adopted_.end();) {
       if (attempt_alive(it->files.run)) {
@@ -189,8 +199,15 @@ class Scheduler {
       conclude(attempt, changed);
     }
     running_count_ = running_.size() + adopted_.size();
+    return commit_concluded(changed);
+  }
+
+  // Commits what conclude() decided; then the concluded attempts' files are spares.
+  Result<void> commit_concluded(const std::vector<std::size_t>& changed) {
     if (changed.empty()) return {};
     if (auto done = commit(changed); !done) return done;
+    for (const AttemptFiles& files : concluded_files_) attempt_files_->recycle(files);
+    concluded_files_.clear();
     for (std::size_t index : changed) emit_pending_(index);
     pending_events_.clear();
     return {};
@@ -211,6 +228,7 @@ class Scheduler {
     const std::size_t index = attempt.job;
     JobStatus& job = jobs_[index];
     changed.push_back(index);
+    concluded_files_.push_back(attempt.files);
     release_gpus(index);
     auto outcome = read_outcome(attempt.files.run);
     if (!outcome) {
@@ -291,11 +309,7 @@ class Scheduler {
     }
     running_count_ = adopted_.size();
     std::sort(queue_.begin(), queue_.end(), [this](std::size_t a, std::size_t b) { return offered_before(a, b); });
-    if (changed.empty()) return {};
-    if (auto done = commit(changed); !done) return done;
-    for (std::size_t index : changed) emit_pending_(index);
-    pending_events_.clear();
-    return {};
+    return commit_concluded(changed);
   }
 
   // --- placement -------------------------------------------------------------------------------
@@ -448,6 +462,7 @@ class Scheduler {
   }
 
   Result<void> dispatch() {
+    dispatch_again_ = false;
     if (queue_.empty()) return {};
     if (options_.max_running > 0 && running_count_ >= options_.max_running) return {};
     auto snapshot_or = fresh_snapshot();
@@ -463,12 +478,14 @@ class Scheduler {
     waiting_reason_.clear();
     const double now = now_s();
     bool full = false;
+    std::size_t starts = 0;
 
     for (std::size_t position = 0; position < queue_.size(); ++position) {
       const std::size_t index = queue_[position];
       JobStatus& job = jobs_[index];
       if (job.state != JobState::queued) continue;
-      if (full || (options_.max_running > 0 && running_count_ >= options_.max_running)) {
+      if (full || (options_.max_running > 0 && running_count_ >= options_.max_running) || starts == kMostStartsPerPass) {
+        dispatch_again_ = dispatch_again_ || starts == kMostStartsPerPass;
         full = true;
         still_queued.push_back(index);
         continue;
@@ -521,6 +538,7 @@ class Scheduler {
         continue;
       }
       for (unsigned gpu : jobs_[index].gpu_indices) reserved[gpu] += requirements.memory_bytes;
+      ++starts;
     }
     queue_ = std::move(still_queued);
     if (!dependency_failures.empty()) {
@@ -544,10 +562,12 @@ class Scheduler {
   // Reserve, journal, fork. false when the ledger refused (another launch took the room first).
   Result<bool> start(std::size_t index, const Requirements& requirements, const Snapshot& snapshot, double now) {
     JobStatus& job = jobs_[index];
+    auto shepherd = shepherds_.idle({signal_fd_, inotify_fd_, logs_lock_fd_});
+    if (!shepherd) return shepherd.error();
     ReserveRequest request;
     request.requirements = requirements;
     request.command = "batch " + job.spec.name + ": " + job.spec.display_command();
-    request.holder_pending = true;  // the shepherd takes it over once it exists
+    request.owner_pid = *shepherd;  // it holds the lease, and the job is its child
     const Snapshot* cached = &snapshot;
     auto reservation = ledger_.reserve(
         request, [cached]() -> Result<Snapshot> { return *cached; }, visibility_of_);
@@ -556,11 +576,8 @@ class Scheduler {
 
     const unsigned attempt = job.attempts + 1;
     const AttemptFiles files = attempt_files(logs_dir_, job.spec.name, attempt);
-    const int lock_fd = ::open(files.run.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
-    if (lock_fd < 0 || ::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
-      if (lock_fd >= 0) ::close(lock_fd);
-      return make_error(Errc::state, "cannot create " + quote_for_message(files.run) + ": " + std::strerror(errno));
-    }
+    auto opened = attempt_files_->open(files);
+    if (!opened) return opened.error();
     // The transition is durable before it takes effect.
     const JobStatus before = job;
     job.state = JobState::running;
@@ -576,20 +593,20 @@ class Scheduler {
     job.reason.clear();
     if (auto done = commit({index}); !done) {
       job = before;
-      ::close(lock_fd);
+      opened->close_all();
       return done.error();
     }
-    const auto environment = job_environment(job, snapshot, reservation->lease->record().id);
-    auto pid = start_shepherd(job.spec, environment, *reservation->lease, files, lock_fd,
-                              {signal_fd_, inotify_fd_, logs_lock_fd_});
-    ::close(lock_fd);
-    if (!pid) {
+    ShepherdOrder order{job_words(job.spec), job_environment(job, snapshot, reservation->lease->record().id), job.spec.cwd,
+                        reservation->lease->record().path, *opened, reservation->lease->descriptor()};
+    auto handed = shepherds_.hand(*shepherd, order);
+    opened->close_all();
+    if (!handed) {
       job = before;
       (void)commit({index});  // best effort: a journal still saying "running" is requeued on resume
-      return pid.error();
+      return handed.error();
     }
     reservation->lease->detach();  // the shepherd holds it now
-    running_[*pid] = Attempt{index, *pid, false, files};
+    running_[*shepherd] = Attempt{index, *shepherd, false, files};
     running_count_ = running_.size() + adopted_.size();
     occupy_gpus(index);
     observer_.on_event(BatchEvent{BatchEvent::Kind::started, &job, ""});
@@ -617,6 +634,10 @@ class Scheduler {
 
   std::optional<Journal> journal_;
   std::string logs_dir_;
+  std::optional<AttemptFilePool> attempt_files_;
+  ShepherdPool shepherds_;
+  std::vector<AttemptFiles> concluded_files_;  // recycled once their outcomes are committed
+  bool dispatch_again_ = false;                // the last pass stopped at kMostStartsPerPass
   std::vector<JobStatus> jobs_;
   std::unordered_map<std::size_t, std::vector<std::uint32_t>> after_;  // jobs with `after`: what they wait for
   std::map<std::string, std::vector<std::size_t>> groups_;

@@ -1,15 +1,19 @@
 // shepherd.cpp — one attempt of one job, from fork to status file.
 #include "jobs/shepherd.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <set>
@@ -34,40 +38,121 @@ void write_all(int fd, const std::string& text) {
 // Appends the status line ("exit N", "signal N", "error N MESSAGE") to the run file in one write.
 void write_status(int run_fd, const std::string& line) { write_all(run_fd, line + "\n"); }
 
-[[noreturn]] void run_shepherd(const JobSpec& job, const std::vector<std::string>& environment, HeldLease& lease,
-                               const AttemptFiles& files, int lock_fd) {
-  // The job gets the signals the scheduler forwards; the shepherd must outlive it to record how
-  // it ended, so it ignores them itself.
-  for (int signal_number : {SIGINT, SIGTERM, SIGHUP, SIGQUIT}) ::signal(signal_number, SIG_IGN);
-  ::signal(SIGCHLD, SIG_DFL);
-  sigset_t none;
-  sigemptyset(&none);
-  ::sigprocmask(SIG_SETMASK, &none, nullptr);  // the scheduler blocks signals for its signalfd
-  ::setpgid(0, 0);
+// --- the order on the wire: one 8-byte length sent with the four descriptors, then the text
+// (NUL-terminated fields: cwd, lease path, argc, argv…, envc, environment…).
+
+constexpr std::size_t kOrderFds = 4;  // run, out, err, lease
+
+void put(std::string& text, const std::string& field) {
+  text += field;
+  text += '\0';
+}
+
+bool read_exactly(int fd, char* data, std::size_t size) {
+  std::size_t done = 0;
+  while (done < size) {
+    const ssize_t n = ::read(fd, data + done, size - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    done += std::size_t(n);
+  }
+  return true;
+}
+
+bool send_all(int fd, const char* data, std::size_t size) {
+  std::size_t done = 0;
+  while (done < size) {
+    const ssize_t n = ::send(fd, data + done, size - done, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    done += std::size_t(n);
+  }
+  return true;
+}
+
+// nullopt when the scheduler closed the socket (or died), or the order is malformed.
+std::optional<ShepherdOrder> receive_order(int socket) {
+  std::uint64_t length = 0;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kOrderFds)];
+  iovec part{&length, sizeof length};
+  msghdr message{};
+  message.msg_iov = &part;
+  message.msg_iovlen = 1;
+  message.msg_control = control;
+  message.msg_controllen = sizeof control;
+  ssize_t n = 0;
+  do {
+    n = ::recvmsg(socket, &message, MSG_CMSG_CLOEXEC | MSG_WAITALL);
+  } while (n < 0 && errno == EINTR);
+  std::vector<int> fds;
+  for (cmsghdr* header = CMSG_FIRSTHDR(&message); header != nullptr; header = CMSG_NXTHDR(&message, header)) {
+    if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+    const std::size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (std::size_t i = 0; i < count; ++i) {
+      int fd = -1;
+      std::memcpy(&fd, CMSG_DATA(header) + i * sizeof(int), sizeof fd);
+      fds.push_back(fd);
+    }
+  }
+  auto drop = [&fds]() -> std::optional<ShepherdOrder> {
+    for (int fd : fds) ::close(fd);
+    return std::nullopt;
+  };
+  if (n != ssize_t(sizeof length) || fds.size() != kOrderFds || length > (std::uint64_t(1) << 30)) return drop();
+  std::string text(length, '\0');
+  if (!read_exactly(socket, text.data(), text.size())) return drop();
+  std::vector<std::string> fields;
+  for (std::size_t at = 0; at < text.size();) {
+    const std::size_t end = text.find('\0', at);
+    if (end == std::string::npos) return drop();
+    fields.push_back(text.substr(at, end - at));
+    at = end + 1;
+  }
+  ShepherdOrder order;
+  std::size_t next = 0;
+  auto take_list = [&fields, &next](std::vector<std::string>& into) {
+    if (next >= fields.size()) return false;
+    const std::size_t count = std::strtoul(fields[next++].c_str(), nullptr, 10);
+    if (count > fields.size() - next) return false;
+    into.assign(fields.begin() + std::ptrdiff_t(next), fields.begin() + std::ptrdiff_t(next + count));
+    next += count;
+    return true;
+  };
+  if (fields.size() < 2) return drop();
+  order.cwd = fields[0];
+  order.lease_path = fields[1];
+  next = 2;
+  if (!take_list(order.argv) || order.argv.empty() || !take_list(order.environment)) return drop();
+  order.files.run = fds[0];
+  order.files.out = fds[1];
+  order.files.err = fds[2];
+  order.lease_fd = fds[3];
+  return order;
+}
+
+// One attempt, from the order to the status line. The lease is released and the files closed
+// before it returns.
+void run_attempt(ShepherdOrder& order) {
+  LeaseRecord record;
+  record.path = order.lease_path;
+  HeldLease lease(std::move(record), order.lease_fd);
+  const int lock_fd = order.files.run;
   write_all(lock_fd, "pid " + std::to_string(::getpid()) + "\n");
 
-  if (auto moved = lease.reassign(::getpid()); !moved) {
-    write_status(lock_fd, "error 70 " + moved.error().message);
-    lease.release();
-    ::_exit(0);
-  }
-
   std::vector<char*> envp;
-  for (const auto& entry : environment) envp.push_back(const_cast<char*>(entry.c_str()));
+  for (auto& entry : order.environment) envp.push_back(entry.data());
   envp.push_back(nullptr);
-  std::vector<std::string> words = job.argv;
-  if (words.empty()) words = direct_argv(job.shell).value_or(std::vector<std::string>{"/bin/sh", "-c", job.shell});
-  const bool search_path = words[0].find('/') == std::string::npos;
   std::vector<char*> argv;
-  for (auto& word : words) argv.push_back(word.data());
+  for (auto& word : order.argv) argv.push_back(word.data());
   argv.push_back(nullptr);
+  const bool search_path = order.argv[0].find('/') == std::string::npos;
 
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, 1, files.out.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0644);
-  posix_spawn_file_actions_addopen(&actions, 2, files.err.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0644);
-  if (!job.cwd.empty()) posix_spawn_file_actions_addchdir_np(&actions, job.cwd.c_str());
+  posix_spawn_file_actions_adddup2(&actions, order.files.out, 1);  // both are >= 3 (AttemptFilePool::take)
+  posix_spawn_file_actions_adddup2(&actions, order.files.err, 2);
+  if (!order.cwd.empty()) posix_spawn_file_actions_addchdir_np(&actions, order.cwd.c_str());
   posix_spawnattr_t attributes;
   posix_spawnattr_init(&attributes);
   sigset_t defaults;
@@ -82,28 +167,44 @@ void write_status(int run_fd, const std::string& line) { write_all(run_fd, line 
   pid_t child = 0;
   const int rc = search_path ? ::posix_spawnp(&child, argv[0], &actions, &attributes, argv.data(), envp.data())
                              : ::posix_spawn(&child, argv[0], &actions, &attributes, argv.data(), envp.data());
+  posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attributes);
   if (rc != 0) {
     const int code = (rc == ENOENT) ? 127 : 126;
-    std::string message = "cannot start " + words[0] + ": " + std::strerror(rc);
-    if (!job.cwd.empty() && rc == ENOENT) message += " (or cwd " + job.cwd + " is gone)";
-    const int err = ::open(files.err.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-    if (err >= 0) {
-      write_all(err, "gpuslot: " + message + "\n");
-      ::close(err);
-    }
+    std::string message = "cannot start " + order.argv[0] + ": " + std::strerror(rc);
+    if (!order.cwd.empty() && rc == ENOENT) message += " (or cwd " + order.cwd + " is gone)";
+    write_all(order.files.err, "gpuslot: " + message + "\n");
     write_status(lock_fd, "error " + std::to_string(code) + " " + message);
-    lease.release();
-    ::_exit(0);
+  } else {
+    int status = 0;
+    while (::waitpid(child, &status, 0) < 0 && errno == EINTR) {
+    }
+    write_status(lock_fd, WIFSIGNALED(status) ? "signal " + std::to_string(WTERMSIG(status))
+                                                   : "exit " + std::to_string(WEXITSTATUS(status)));
   }
-  int status = 0;
-  while (::waitpid(child, &status, 0) < 0 && errno == EINTR) {
-  }
-  write_status(lock_fd, WIFSIGNALED(status) ? "signal " + std::to_string(WTERMSIG(status))
-                                                 : "exit " + std::to_string(WEXITSTATUS(status)));
   lease.release();
-  ::_exit(0);
+  order.files.close_all();  // the run file's lock goes last: the status is in it by then
 }
 
+[[noreturn]] void shepherd_main(int socket, int ended_write) {
+  // The job gets the signals the scheduler forwards; the shepherd must outlive it to record how
+  // it ended, so it ignores them itself.
+  for (int signal_number : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE}) ::signal(signal_number, SIG_IGN);
+  ::signal(SIGCHLD, SIG_DFL);
+  sigset_t none;
+  sigemptyset(&none);
+  ::sigprocmask(SIG_SETMASK, &none, nullptr);  // the scheduler blocks signals for its signalfd
+  ::setpgid(0, 0);
+  const std::int32_t self = ::getpid();
+  while (auto order = receive_order(socket)) {
+    run_attempt(*order);
+    order.reset();
+    // A scheduler that is gone cannot hear it (EPIPE): the next receive sees the socket closed.
+    while (::write(ended_write, &self, sizeof self) < 0 && errno == EINTR) {
+    }
+  }
+  ::_exit(0);
+}
 }  // namespace
 
 AttemptFiles attempt_files(const std::string& logs_dir, const std::string& name, unsigned attempt) {
@@ -138,22 +239,253 @@ std::optional<std::vector<std::string>> direct_argv(const std::string& line) {
   return words;
 }
 
-Result<pid_t> start_shepherd(const JobSpec& job, const std::vector<std::string>& environment, HeldLease& lease,
-                             const AttemptFiles& files, int lock_fd, const std::vector<int>& close_in_child) {
+ShepherdPool::~ShepherdPool() {
+  for (auto& member : members_) ::close(member.socket);
+  for (auto& member : members_) {
+    if (!member.busy) ::waitpid(member.pid, nullptr, 0);  // it sees the socket closed and exits
+  }
+  for (int fd : {ended_read_, ended_write_}) {
+    if (fd >= 0) ::close(fd);
+  }
+}
+
+ShepherdPool::Member* ShepherdPool::find(pid_t pid) {
+  for (auto& member : members_) {
+    if (member.pid == pid) return &member;
+  }
+  return nullptr;
+}
+
+Result<pid_t> ShepherdPool::idle(const std::vector<int>& close_in_child) {
+  for (const auto& member : members_) {
+    if (!member.busy) return member.pid;
+  }
+  if (ended_read_ < 0) {
+    int ends[2];
+    if (::pipe2(ends, O_CLOEXEC) != 0) return make_error(Errc::state, std::string("cannot make a pipe: ") + std::strerror(errno));
+    ended_read_ = ends[0];
+    ended_write_ = ends[1];
+    ::fcntl(ended_read_, F_SETFL, O_NONBLOCK);
+  }
+  int ends[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, ends) != 0) {
+    return make_error(Errc::state, std::string("cannot make a socket pair: ") + std::strerror(errno));
+  }
   const pid_t pid = ::fork();
-  if (pid < 0) return make_error(Errc::state, std::string("cannot fork a job: ") + std::strerror(errno));
+  if (pid < 0) {
+    const int error = errno;
+    ::close(ends[0]);
+    ::close(ends[1]);
+    return make_error(Errc::state, std::string("cannot fork a job's shepherd: ") + std::strerror(error));
+  }
   if (pid == 0) {
     // Only async-signal-safe work would be strictly required after fork in a threaded process;
-    // the scheduler is single-threaded, so the shepherd may allocate.
+    // the scheduler is single-threaded, so the shepherd may allocate. It keeps no descriptor of
+    // the scheduler's or of another shepherd's: each shepherd must see its own socket close.
     for (int fd : close_in_child) ::close(fd);
-    run_shepherd(job, environment, lease, files, lock_fd);
+    for (const auto& member : members_) ::close(member.socket);
+    ::close(ends[0]);
+    ::close(ended_read_);
+    shepherd_main(ends[1], ended_write_);
   }
+  ::close(ends[1]);
   ::setpgid(pid, pid);  // also set here, so a signal sent right after fork reaches its group
+  members_.push_back({pid, ends[0], false});
   return pid;
 }
 
+Result<void> ShepherdPool::hand(pid_t shepherd, const ShepherdOrder& order) {
+  Member* member = find(shepherd);
+  if (member == nullptr || member->busy) return make_error(Errc::internal, "no idle shepherd " + std::to_string(shepherd));
+  std::string text;
+  put(text, order.cwd);
+  put(text, order.lease_path);
+  put(text, std::to_string(order.argv.size()));
+  for (const auto& word : order.argv) put(text, word);
+  put(text, std::to_string(order.environment.size()));
+  for (const auto& entry : order.environment) put(text, entry);
+  std::uint64_t length = text.size();
+  const int fds[kOrderFds] = {order.files.run, order.files.out, order.files.err, order.lease_fd};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof fds)] = {};
+  iovec part{&length, sizeof length};
+  msghdr message{};
+  message.msg_iov = &part;
+  message.msg_iovlen = 1;
+  message.msg_control = control;
+  message.msg_controllen = sizeof control;
+  cmsghdr* header = CMSG_FIRSTHDR(&message);
+  header->cmsg_level = SOL_SOCKET;
+  header->cmsg_type = SCM_RIGHTS;
+  header->cmsg_len = CMSG_LEN(sizeof fds);
+  std::memcpy(CMSG_DATA(header), fds, sizeof fds);
+  ssize_t n = 0;
+  do {
+    n = ::sendmsg(member->socket, &message, MSG_NOSIGNAL);
+  } while (n < 0 && errno == EINTR);
+  if (n != ssize_t(sizeof length) || !send_all(member->socket, text.data(), text.size())) {
+    return make_error(Errc::state, "cannot hand a job to its shepherd " + std::to_string(shepherd) + ": " + std::strerror(errno));
+  }
+  member->busy = true;
+  return {};
+}
+
+std::vector<pid_t> ShepherdPool::ended() {
+  std::vector<pid_t> pids;
+  if (ended_read_ < 0) return pids;
+  std::int32_t buffer[256];
+  while (true) {
+    const ssize_t n = ::read(ended_read_, buffer, sizeof buffer);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    for (std::size_t i = 0; i < std::size_t(n) / sizeof buffer[0]; ++i) {
+      if (Member* member = find(pid_t(buffer[i])); member != nullptr && member->busy) {
+        member->busy = false;
+        pids.push_back(member->pid);
+      }
+    }
+  }
+  return pids;
+}
+
+bool ShepherdPool::forget(pid_t shepherd) {
+  for (auto it = members_.begin(); it != members_.end(); ++it) {
+    if (it->pid != shepherd) continue;
+    ::close(it->socket);
+    members_.erase(it);
+    return true;
+  }
+  return false;
+}
+
+std::vector<std::string> job_words(const JobSpec& job) {
+  if (!job.argv.empty()) return job.argv;
+  return direct_argv(job.shell).value_or(std::vector<std::string>{"/bin/sh", "-c", job.shell});
+}
+
+
+void OpenedAttemptFiles::close_all() {
+  for (int* fd : {&run, &out, &err}) {
+    if (*fd >= 0) ::close(*fd);
+    *fd = -1;
+  }
+}
+
+namespace {
+
+constexpr std::size_t kMostAttemptSpares = 1024;
+constexpr const char* kSparePrefix = ".spare-";
+
+}  // namespace
+
+AttemptFilePool::AttemptFilePool(std::string logs_dir) : logs_dir_(std::move(logs_dir)) {
+  DIR* directory = ::opendir(logs_dir_.c_str());
+  if (directory == nullptr) return;
+  while (const dirent* entry = ::readdir(directory)) {
+    const std::string name = entry->d_name;
+    if (name.rfind(kSparePrefix, 0) != 0 || spares_.size() >= kMostAttemptSpares) continue;
+    char* end = nullptr;
+    const unsigned long number = std::strtoul(name.c_str() + std::strlen(kSparePrefix), &end, 10);
+    if (end == nullptr || *end != '\0') continue;
+    spares_.push_back(name);
+    next_ = std::max(next_, number + 1);
+  }
+  ::closedir(directory);
+}
+
+// A spare renamed to `target` and emptied, or `target` created when no spare is usable. A spare
+// that was a run file is overwritten with NULs rather than truncated (readers stop at the first
+// NUL): freeing its block would cost a discard on every reuse. Always a descriptor >= 3, so the
+// shepherd's dup2 onto 1 and 2 cannot clobber another.
+int AttemptFilePool::take(const std::string& target, int flags) {
+  int fd = -1;
+  while (fd < 0 && !spares_.empty()) {
+    const std::string spare = logs_dir_ + "/" + spares_.back();
+    spares_.pop_back();
+    fd = ::open(spare.c_str(), flags | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) continue;  // gone, or a symlink: the next one
+    struct stat info {};
+    bool usable = ::fstat(fd, &info) == 0 && S_ISREG(info.st_mode) && info.st_nlink == 1 && info.st_uid == ::geteuid();
+    if (usable && info.st_size > 0) {
+      static const char kZeros[4096] = {};
+      usable = (flags & O_APPEND) == 0 && info.st_size <= off_t(sizeof kZeros)
+                   ? ::pwrite(fd, kZeros, std::size_t(info.st_size), 0) == ssize_t(info.st_size)
+                   : ::ftruncate(fd, 0) == 0;
+    }
+    if (!usable || ::rename(spare.c_str(), target.c_str()) != 0) {
+      ::close(fd);
+      fd = -1;
+    }
+  }
+  if (fd < 0) fd = ::open(target.c_str(), flags | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+  if (fd >= 0 && fd < 3) {
+    const int moved = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    ::close(fd);
+    fd = moved;
+  }
+  return fd;
+}
+
+Result<OpenedAttemptFiles> AttemptFilePool::open(const AttemptFiles& files) {
+  OpenedAttemptFiles opened;
+  opened.run = take(files.run, O_RDWR);
+  if (opened.run >= 0 && ::flock(opened.run, LOCK_EX | LOCK_NB) != 0) {
+    ::close(opened.run);
+    opened.run = -1;
+  }
+  const std::string* failed = &files.run;
+  if (opened.run >= 0) {
+    failed = &files.out;
+    opened.out = take(files.out, O_WRONLY | O_APPEND);
+  }
+  if (opened.out >= 0) {
+    failed = &files.err;
+    opened.err = take(files.err, O_WRONLY | O_APPEND);
+  }
+  if (opened.err < 0) {
+    const int error = errno;
+    opened.close_all();
+    return make_error(Errc::state, "cannot create " + quote_for_message(*failed) + ": " + std::strerror(error));
+  }
+  return opened;
+}
+
+// Renamed to a spare only when nothing else holds it open: a write lease is granted only then
+// (fcntl(2)), so a job's leftover background process that still writes to its log can never
+// write into a later job's. `only_if_empty`: logs are kept once they hold anything.
+void AttemptFilePool::give_back(const std::string& path, bool only_if_empty) {
+  if (spares_.size() >= kMostAttemptSpares) return;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) return;
+  struct stat info {};
+  const bool candidate = ::fstat(fd, &info) == 0 && S_ISREG(info.st_mode) && info.st_nlink == 1 &&
+                         info.st_uid == ::geteuid() && (!only_if_empty || info.st_size == 0);
+  if (candidate && ::fcntl(fd, F_SETLEASE, F_WRLCK) == 0) {
+    ::fcntl(fd, F_SETLEASE, F_UNLCK);
+    std::string name = kSparePrefix + std::to_string(next_++);
+    if (::rename(path.c_str(), (logs_dir_ + "/" + name).c_str()) == 0) spares_.push_back(std::move(name));
+  }
+  ::close(fd);
+}
+
+void AttemptFilePool::recycle(const AttemptFiles& files) {
+  give_back(files.out, /*only_if_empty=*/true);
+  give_back(files.err, /*only_if_empty=*/true);
+  give_back(files.run, /*only_if_empty=*/false);
+}
+
+namespace {
+
+// A run file's text: up to the first NUL (AttemptFilePool::take).
+std::string read_run_file(const std::string& run_path) {
+  std::string text = read_tail(run_path, 8192);
+  if (const std::size_t end = text.find('\0'); end != std::string::npos) text.resize(end);
+  return text;
+}
+
+}  // namespace
+
 std::optional<AttemptOutcome> read_outcome(const std::string& run_path) {
-  const std::string text = read_tail(run_path, 8192);
+  const std::string text = read_run_file(run_path);
   std::istringstream lines(text);
   for (std::string line; std::getline(lines, line);) {
     std::istringstream fields(line);
@@ -184,7 +516,7 @@ bool attempt_alive(const std::string& lock_path) {
 }
 
 pid_t shepherd_pid(const std::string& run_path) {
-  const std::string text = read_tail(run_path, 8192);
+  const std::string text = read_run_file(run_path);
   return text.rfind("pid ", 0) == 0 ? pid_t(std::atol(text.c_str() + 4)) : 0;
 }
 

@@ -1,9 +1,19 @@
-// Unit tests of the jobs layer's pure parts: the jobs file, out-of-memory signatures, the
-// shell fast path, and the journal's round trip.
+// Unit tests of the jobs layer: the jobs file, out-of-memory signatures, the shell fast path,
+// the journal's round trip, spare attempt files, and the shepherds.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
 
 #include "gpuslot/jobs.hpp"
 #include "jobs/journal.hpp"
@@ -12,8 +22,15 @@
 namespace gpuslot {
 namespace {
 
+using jobs_internal::AttemptFilePool;
+using jobs_internal::AttemptFiles;
+using jobs_internal::attempt_files;
 using jobs_internal::direct_argv;
 using jobs_internal::Journal;
+using jobs_internal::OpenedAttemptFiles;
+using jobs_internal::read_outcome;
+using jobs_internal::ShepherdOrder;
+using jobs_internal::ShepherdPool;
 
 TEST(JobsFile, PlainLinesTakeTheDefaultsAndLineNames) {
   JobDefaults defaults;
@@ -137,6 +154,262 @@ TEST(Journal, CreateSaveLoadAndRefuseToOverwrite) {
   EXPECT_EQ(again.error().code, Errc::state);
   EXPECT_FALSE(std::filesystem::exists(path + ".new"));
   std::filesystem::remove_all(folder);
+}
+
+// A folder of its own under the temp directory, removed at the end.
+class Folder {
+ public:
+  explicit Folder(const std::string& name)
+      : path_(std::filesystem::temp_directory_path() / ("gpuslot-" + name + "-" + std::to_string(::getpid()))) {
+    std::filesystem::remove_all(path_);
+    std::filesystem::create_directories(path_);
+  }
+  ~Folder() { std::filesystem::remove_all(path_); }
+  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
+  std::string str() const { return path_.string(); }
+  std::vector<std::string> names() const {
+    std::vector<std::string> found;
+    for (const auto& entry : std::filesystem::directory_iterator(path_)) found.push_back(entry.path().filename().string());
+    std::sort(found.begin(), found.end());
+    return found;
+  }
+
+ private:
+  std::filesystem::path path_;
+};
+
+ino_t inode_of(int fd) {
+  struct stat info {};
+  EXPECT_EQ(::fstat(fd, &info), 0);
+  return info.st_ino;
+}
+
+ino_t inode_at(const std::string& path) {
+  struct stat info {};
+  return ::stat(path.c_str(), &info) == 0 ? info.st_ino : 0;
+}
+
+std::string text_of(const std::string& path) {
+  std::ifstream file(path);
+  std::stringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+void write_text(int fd, const std::string& text) { ASSERT_EQ(::write(fd, text.data(), text.size()), ssize_t(text.size())); }
+
+TEST(AttemptFilePool, CreatesWhenNoSpareThenReusesTheInodesOfAConcludedAttempt) {
+  Folder logs("attempt-pool");
+  AttemptFilePool pool(logs.str());
+  const AttemptFiles first = attempt_files(logs.str(), "a", 1);
+  auto opened = pool.open(first);
+  ASSERT_TRUE(opened) << opened.error().message;
+  EXPECT_GE(opened->run, 3);
+  EXPECT_GE(opened->out, 3);
+  EXPECT_GE(opened->err, 3);
+  // The run file is locked for the attempt.
+  const int other = ::open(first.run.c_str(), O_RDONLY);
+  EXPECT_NE(::flock(other, LOCK_EX | LOCK_NB), 0);
+  ::close(other);
+  const ino_t run_inode = inode_of(opened->run), out_inode = inode_of(opened->out), err_inode = inode_of(opened->err);
+  write_text(opened->run, "pid 123\nsignal 9\n");
+  opened->close_all();
+  pool.recycle(first);
+  EXPECT_EQ(pool.spares(), 3u);
+  EXPECT_FALSE(std::filesystem::exists(first.run));
+  EXPECT_FALSE(std::filesystem::exists(first.out));  // stayed empty: not kept
+
+  const AttemptFiles second = attempt_files(logs.str(), "b", 1);
+  auto again = pool.open(second);
+  ASSERT_TRUE(again) << again.error().message;
+  const std::set<ino_t> before{run_inode, out_inode, err_inode};
+  EXPECT_EQ((std::set<ino_t>{inode_of(again->run), inode_of(again->out), inode_of(again->err)}), before);
+  EXPECT_EQ(pool.spares(), 0u);
+  // Whatever spare became the run file, the old status is gone: no outcome until one is written.
+  EXPECT_FALSE(read_outcome(second.run));
+  write_text(again->run, "pid 7\n");
+  EXPECT_FALSE(read_outcome(second.run));
+  write_text(again->run, "exit 0\n");
+  auto outcome = read_outcome(second.run);
+  ASSERT_TRUE(outcome);
+  EXPECT_EQ(outcome->exit_code, 0);
+  EXPECT_EQ(jobs_internal::shepherd_pid(second.run), 7);
+  again->close_all();
+}
+
+TEST(AttemptFilePool, KeepsLogsWithOutputAndLogsSomeoneStillHoldsOpen) {
+  Folder logs("attempt-keep");
+  AttemptFilePool pool(logs.str());
+  const AttemptFiles files = attempt_files(logs.str(), "job", 2);
+  auto opened = pool.open(files);
+  ASSERT_TRUE(opened);
+  write_text(opened->out, "result\n");
+  // A leftover background process of the job still has its (empty) stderr open.
+  const int lingering = ::dup(opened->err);
+  opened->close_all();
+  pool.recycle(files);
+  EXPECT_EQ(text_of(files.out), "result\n");
+  EXPECT_TRUE(std::filesystem::exists(files.err));
+  EXPECT_EQ(pool.spares(), 1u);  // only the run file
+  ::close(lingering);
+  // Once nobody holds it, an empty log is a spare like the others.
+  pool.recycle(files);
+  EXPECT_FALSE(std::filesystem::exists(files.err));
+  EXPECT_EQ(text_of(files.out), "result\n");
+  EXPECT_EQ(pool.spares(), 2u);
+}
+
+TEST(AttemptFilePool, ARestartedSchedulerAdoptsTheSparesAndNeverUsesAForeignOrLinkedOne) {
+  Folder logs("attempt-adopt");
+  {
+    AttemptFilePool pool(logs.str());
+    const AttemptFiles files = attempt_files(logs.str(), "x", 1);
+    auto opened = pool.open(files);
+    ASSERT_TRUE(opened);
+    opened->close_all();
+    pool.recycle(files);
+    ASSERT_EQ(pool.spares(), 3u);
+  }
+  // A spare that gained a second name (a hard link somebody made) is not used.
+  const auto names = logs.names();
+  ASSERT_EQ(names.size(), 3u);
+  const std::string linked = logs / names[0];
+  ASSERT_EQ(::link(linked.c_str(), (logs / "keep-me").c_str()), 0);
+  const ino_t linked_inode = inode_at(linked);
+  AttemptFilePool restarted(logs.str());
+  EXPECT_EQ(restarted.spares(), 3u);
+  const AttemptFiles files = attempt_files(logs.str(), "y", 1);
+  auto opened = restarted.open(files);
+  ASSERT_TRUE(opened);
+  for (int fd : {opened->run, opened->out, opened->err}) EXPECT_NE(inode_of(fd), linked_inode);
+  EXPECT_EQ(inode_at(logs / "keep-me"), linked_inode);
+  opened->close_all();
+}
+
+// A lease stand-in: a locked file the shepherd must release (rename to a spare) at the end.
+struct FakeLease {
+  std::string path;
+  int fd = -1;
+  explicit FakeLease(const std::string& at) : path(at) {
+    fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    EXPECT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
+  }
+  bool locked_elsewhere() const {
+    const int probe = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (probe < 0) return false;
+    const bool locked = ::flock(probe, LOCK_SH | LOCK_NB) != 0;
+    ::close(probe);
+    return locked;
+  }
+};
+
+pid_t wait_for_an_end(ShepherdPool& pool) {
+  for (int i = 0; i < 200; ++i) {
+    pollfd ready{pool.ended_fd(), POLLIN, 0};
+    ::poll(&ready, 1, 50);
+    auto ended = pool.ended();
+    if (!ended.empty()) return ended.front();
+  }
+  return 0;
+}
+
+TEST(ShepherdPool, OneShepherdRunsAttemptAfterAttemptAndReleasesEachLease) {
+  Folder logs("shepherds");
+  AttemptFilePool files_pool(logs.str());
+  ShepherdPool pool;
+  pid_t first_shepherd = 0;
+  for (int attempt = 1; attempt <= 2; ++attempt) {
+    auto shepherd = pool.idle({});
+    ASSERT_TRUE(shepherd) << shepherd.error().message;
+    if (attempt == 1) first_shepherd = *shepherd;
+    EXPECT_EQ(*shepherd, first_shepherd) << "an idle shepherd is reused, not forked again";
+    const AttemptFiles files = attempt_files(logs.str(), "job", unsigned(attempt));
+    auto opened = files_pool.open(files);
+    ASSERT_TRUE(opened);
+    FakeLease lease(logs / ("lease-" + std::to_string(attempt)));
+    ShepherdOrder order{{"/bin/sh", "-c", "echo out-$N; echo err >&2; pwd; exit 3"},
+                        {"N=" + std::to_string(attempt), "PATH=/usr/bin:/bin"},
+                        "/",
+                        lease.path,
+                        *opened,
+                        lease.fd};
+    ASSERT_TRUE(pool.hand(*shepherd, order));
+    EXPECT_FALSE(pool.idle({}).value() == *shepherd) << "a busy shepherd is not offered";
+    opened->close_all();
+    ::close(lease.fd);
+    EXPECT_EQ(wait_for_an_end(pool), *shepherd);
+    auto outcome = read_outcome(files.run);
+    ASSERT_TRUE(outcome);
+    EXPECT_EQ(outcome->exit_code, 3);
+    EXPECT_EQ(jobs_internal::shepherd_pid(files.run), *shepherd);
+    EXPECT_EQ(text_of(files.out), "out-" + std::to_string(attempt) + "\n/\n");
+    EXPECT_EQ(text_of(files.err), "err\n");
+    EXPECT_FALSE(std::filesystem::exists(lease.path)) << "released: renamed to a spare";
+    files_pool.recycle(files);
+  }
+  EXPECT_EQ(pool.size(), 2u);  // the one made while the first was busy, and the first
+}
+
+TEST(ShepherdPool, AShepherdWhoseSchedulerIsGoneFinishesItsAttemptAndExits) {
+  Folder logs("shepherd-orphan");
+  AttemptFilePool files_pool(logs.str());
+  const AttemptFiles files = attempt_files(logs.str(), "slow", 1);
+  FakeLease lease(logs / "lease");
+  pid_t shepherd = 0;
+  {
+    ShepherdPool pool;
+    shepherd = pool.idle({}).value();
+    auto opened = files_pool.open(files);
+    ASSERT_TRUE(opened);
+    ShepherdOrder order{{"/bin/sh", "-c", "sleep 0.3; echo done"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
+    ASSERT_TRUE(pool.hand(shepherd, order));
+    opened->close_all();
+    ::close(lease.fd);
+  }  // the pool (the scheduler's end) is gone while the attempt runs
+  EXPECT_TRUE(jobs_internal::attempt_alive(files.run));
+  EXPECT_TRUE(lease.locked_elsewhere());
+  int status = 0;
+  ASSERT_EQ(::waitpid(shepherd, &status, 0), shepherd);
+  EXPECT_TRUE(WIFEXITED(status));
+  EXPECT_FALSE(jobs_internal::attempt_alive(files.run));
+  auto outcome = read_outcome(files.run);
+  ASSERT_TRUE(outcome);
+  EXPECT_EQ(outcome->exit_code, 0);
+  EXPECT_EQ(text_of(files.out), "done\n");
+  EXPECT_FALSE(std::filesystem::exists(lease.path));
+}
+
+TEST(ShepherdPool, AJobThatCannotStartIsRecordedAndTheShepherdCarriesOn) {
+  Folder logs("shepherd-nostart");
+  AttemptFilePool files_pool(logs.str());
+  ShepherdPool pool;
+  const pid_t shepherd = pool.idle({}).value();
+  const AttemptFiles files = attempt_files(logs.str(), "missing", 1);
+  auto opened = files_pool.open(files);
+  ASSERT_TRUE(opened);
+  FakeLease lease(logs / "lease");
+  ShepherdOrder order{{"no-such-program-gpuslot"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
+  ASSERT_TRUE(pool.hand(shepherd, order));
+  opened->close_all();
+  ::close(lease.fd);
+  ASSERT_EQ(wait_for_an_end(pool), shepherd);
+  auto outcome = read_outcome(files.run);
+  ASSERT_TRUE(outcome);
+  EXPECT_EQ(outcome->exit_code, 127);
+  EXPECT_NE(outcome->error.find("no-such-program-gpuslot"), std::string::npos);
+  EXPECT_NE(text_of(files.err).find("cannot start no-such-program-gpuslot"), std::string::npos);
+  EXPECT_EQ(pool.idle({}).value(), shepherd);
+}
+
+TEST(ShepherdPool, ForgetsAShepherdThatDied) {
+  ShepherdPool pool;
+  const pid_t shepherd = pool.idle({}).value();
+  ASSERT_EQ(::kill(shepherd, SIGKILL), 0);
+  ASSERT_EQ(::waitpid(shepherd, nullptr, 0), shepherd);
+  EXPECT_TRUE(pool.forget(shepherd));
+  EXPECT_FALSE(pool.forget(shepherd));
+  EXPECT_EQ(pool.size(), 0u);
+  EXPECT_NE(pool.idle({}).value(), shepherd);
 }
 
 }  // namespace
