@@ -74,7 +74,8 @@ class HeldLease {
   // Makes `holder_pid` (with its start time from /proc) the lease's holder, keeping its id, GPUs
   // and bytes: from then on that process tree's GPU memory is credited against the lease, as for
   // `run`'s child. This process still holds the lease (its lifetime is still this object's).
-  // Meant for a scheduler that reserved with holder_pending and then spawned the job. The file is
+  // Meant for a caller that reserved with holder_pending and then spawned the job (gpuslot batch
+  // instead reserves for its shepherd as owner_pid and hands it descriptor()). The file is
   // replaced atomically and is never seen unlocked, so no host lock is taken. Errc::state with
   // the reason if `holder_pid` does not exist, the lease is no longer held (released, detached) or
   // the new file cannot be written; the old lease is then left as it was.
@@ -97,9 +98,10 @@ struct ReserveRequest {
   Requirements requirements;
   std::string command;                    // shown in `gpuslot leases`
   std::optional<std::chrono::milliseconds> hold;  // pick --hold: expiry instead of a holder lock
-  pid_t owner_pid = 0;                    // whose process tree uses the memory (default: this process)
+  pid_t owner_pid = 0;                    // whose process tree uses the memory (default: this process);
+                                          // gpuslot batch: the shepherd it then hands the lease to
   pid_t owner_session = 0;                // with hold: the session whose processes will use it
-  // No holder process yet (a scheduler reserving before it spawns the job): the lease is
+  // No holder process yet (a caller reserving before it spawns the job): the lease is
   // published with holder pid 0 and start time 0, so no process tree's memory is credited against
   // it and it counts in full until HeldLease::reassign names the job. It still lives exactly as
   // long as this process holds it. Overrides owner_pid; meant for leases without `hold`.

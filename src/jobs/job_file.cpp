@@ -133,6 +133,13 @@ Result<JobSpec> job_from_object(const json& object, unsigned line, const JobDefa
     }
   }
   if (job.shell.empty() && job.argv.empty()) return at_line(line, "missing \"cmd\" (the command to run)");
+  // A JSON "\u0000" decodes to a NUL, which no command word, environment entry or path can hold.
+  auto has_nul = [](const std::string& text) { return text.find('\0') != std::string::npos; };
+  bool nul = has_nul(job.shell) || has_nul(job.cwd) || has_nul(job.group);
+  for (const auto& word : job.argv) nul = nul || has_nul(word);
+  for (const auto& name : job.after) nul = nul || has_nul(name);
+  for (const auto& [name, setting] : job.env) nul = nul || has_nul(name) || has_nul(setting);
+  if (nul) return at_line(line, "a string holds a NUL character (\\u0000); commands, env, cwd, group and after cannot");
   return job;
 }
 

@@ -1,9 +1,9 @@
 // scheduler.cpp — the batch's event loop: place, start, reap, retry, journal.
 //
-// One thread. It sleeps in poll() on a signalfd (children ending, Ctrl-C), an inotify watch of
-// the lease directory (a lease released anywhere on the host) and a timer (back-offs, and the
-// fallback poll for memory freed outside gpuslot). Each wake-up it reaps, records, and places
-// what now fits.
+// One thread. It sleeps in poll() on a signalfd (shepherds dying, Ctrl-C), the shepherds' pipe
+// (attempts ended), an inotify watch of the lease directory (a lease released anywhere on the
+// host) and a timer (back-offs, and the fallback poll for memory freed outside gpuslot). Each
+// wake-up it reaps, records, and places what now fits.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -39,7 +39,8 @@ namespace {
 
 constexpr auto kSnapshotMaxAge = std::chrono::milliseconds(20);
 // Starts per pass over the queue before the loop goes back to reap: short jobs end while the
-// queue is still being offered room, and their shepherds must not pile up as zombies.
+// queue is still being offered room, and their shepherds are reused only once their ends are
+// read (until then every start would fork another).
 constexpr std::size_t kMostStartsPerPass = 16;
 
 double now_s() {
@@ -65,6 +66,7 @@ class Scheduler {
       if (fd >= 0) ::close(fd);
     }
     if (signals_blocked_) ::sigprocmask(SIG_SETMASK, &old_mask_, nullptr);
+    if (sigio_ignored_) ::sigaction(SIGIO, &old_sigio_, nullptr);
   }
 
   Result<BatchResult> run() {
@@ -134,6 +136,13 @@ class Scheduler {
     for (int signal_number : {SIGCHLD, SIGINT, SIGTERM, SIGHUP}) sigaddset(&set, signal_number);
     ::sigprocmask(SIG_BLOCK, &set, &old_mask_);
     signals_blocked_ = true;
+    // A file lease held for a moment while an attempt's log is recycled (AttemptFilePool) raises
+    // SIGIO here if someone opens that file meanwhile; its default action would end the batch.
+    struct sigaction ignore {};
+    ignore.sa_handler = SIG_IGN;
+    sigemptyset(&ignore.sa_mask);
+    ::sigaction(SIGIO, &ignore, &old_sigio_);
+    sigio_ignored_ = true;
     signal_fd_ = ::signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
     if (signal_fd_ < 0) return make_error(Errc::internal, std::string("signalfd: ") + std::strerror(errno));
     inotify_fd_ = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
@@ -181,11 +190,17 @@ class Scheduler {
       running_.erase(it);
       conclude(attempt, changed);
     };
-    for (pid_t shepherd : shepherds_.ended()) conclude_running(shepherd);
+    // Reaped first, ends read second: a shepherd writes its end before it can die, so every end
+    // of a reaped shepherd is read before its pid is forgotten (and could be a new shepherd's).
+    std::vector<pid_t> dead;
     while (true) {
       int status = 0;
       const pid_t pid = ::waitpid(-1, &status, WNOHANG);
       if (pid <= 0) break;
+      dead.push_back(pid);
+    }
+    for (pid_t shepherd : shepherds_.ended()) conclude_running(shepherd);
+    for (pid_t pid : dead) {
       if (shepherds_.forget(pid)) conclude_running(pid);
     }
     for (auto it = adopted_.begin(); it != adopted_.end();) {
@@ -559,11 +574,15 @@ class Scheduler {
     return child_environment(environ, settings);
   }
 
-  // Reserve, journal, fork. false when the ledger refused (another launch took the room first).
+  // Reserve, journal, hand to a shepherd. false when the ledger refused (another launch took the
+  // room first) or no shepherd could take it now (it stays queued).
   Result<bool> start(std::size_t index, const Requirements& requirements, const Snapshot& snapshot, double now) {
     JobStatus& job = jobs_[index];
-    auto shepherd = shepherds_.idle({signal_fd_, inotify_fd_, logs_lock_fd_});
-    if (!shepherd) return shepherd.error();
+    auto shepherd = shepherds_.idle();
+    if (!shepherd) {
+      if (shepherd.error().code == Errc::nothing_fits) return false;  // a busy shepherd will be free
+      return shepherd.error();
+    }
     ReserveRequest request;
     request.requirements = requirements;
     request.command = "batch " + job.spec.name + ": " + job.spec.display_command();
@@ -601,9 +620,20 @@ class Scheduler {
     auto handed = shepherds_.hand(*shepherd, order);
     opened->close_all();
     if (!handed) {
+      // It died (or is dying) before taking the order: the attempt never ran. It stays queued
+      // and the lease goes with `reservation`; the shepherd is put down and reaped later.
       job = before;
-      (void)commit({index});  // best effort: a journal still saying "running" is requeued on resume
-      return handed.error();
+      if (auto undone = commit({index}); !undone) return undone.error();  // else --resume requeues it
+      if (handed.error().code == Errc::bad_input) {
+        fail(index, handed.error().message);
+        if (auto done = commit({index}); !done) return done.error();
+        emit_pending_(index);
+        pending_events_.clear();
+        return true;
+      }
+      ::kill(*shepherd, SIGKILL);
+      shepherds_.forget(*shepherd);
+      return false;
     }
     reservation->lease->detach();  // the shepherd holds it now
     running_[*shepherd] = Attempt{index, *shepherd, false, files};
@@ -659,6 +689,8 @@ class Scheduler {
   int signal_fd_ = -1, inotify_fd_ = -1, logs_lock_fd_ = -1;
   sigset_t old_mask_{};
   bool signals_blocked_ = false;
+  struct sigaction old_sigio_ {};
+  bool sigio_ignored_ = false;
   bool stopping_ = false;
   int stop_signal_ = 0;
 };

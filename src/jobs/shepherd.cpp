@@ -1,4 +1,4 @@
-// shepherd.cpp — one attempt of one job, from fork to status file.
+// shepherd.cpp — the shepherds that run a batch's attempts, and the attempts' files.
 #include "jobs/shepherd.hpp"
 
 #include <dirent.h>
@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/file.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -23,7 +24,9 @@ namespace gpuslot::jobs_internal {
 
 namespace {
 
-constexpr int kJobSignals[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGCHLD, SIGUSR1, SIGUSR2};
+// Reset to their defaults for a job, whatever the scheduler or shepherd did with them (the
+// scheduler ignores SIGIO, see AttemptFilePool::give_back).
+constexpr int kJobSignals[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGCHLD, SIGUSR1, SIGUSR2, SIGIO};
 
 void write_all(int fd, const std::string& text) {
   std::size_t done = 0;
@@ -122,7 +125,7 @@ std::optional<ShepherdOrder> receive_order(int socket) {
   order.cwd = fields[0];
   order.lease_path = fields[1];
   next = 2;
-  if (!take_list(order.argv) || order.argv.empty() || !take_list(order.environment)) return drop();
+  if (!take_list(order.argv) || order.argv.empty() || !take_list(order.environment) || next != fields.size()) return drop();
   order.files.run = fds[0];
   order.files.out = fds[1];
   order.files.err = fds[2];
@@ -150,7 +153,9 @@ void run_attempt(ShepherdOrder& order) {
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_adddup2(&actions, order.files.out, 1);  // both are >= 3 (AttemptFilePool::take)
+  // Received in the order run, out, err, each on the lowest free number: with 0, 1 and 2 open
+  // (the shepherd keeps the scheduler's), all are >= 3, so neither dup2 clobbers the other.
+  posix_spawn_file_actions_adddup2(&actions, order.files.out, 1);
   posix_spawn_file_actions_adddup2(&actions, order.files.err, 2);
   if (!order.cwd.empty()) posix_spawn_file_actions_addchdir_np(&actions, order.cwd.c_str());
   posix_spawnattr_t attributes;
@@ -186,9 +191,26 @@ void run_attempt(ShepherdOrder& order) {
   order.files.close_all();  // the run file's lock goes last: the status is in it by then
 }
 
-[[noreturn]] void shepherd_main(int socket, int ended_write) {
+// Closes every descriptor above 2 but `keep_a` and `keep_b`.
+void close_all_but(int keep_a, int keep_b) {
+  const int low = std::min(keep_a, keep_b), high = std::max(keep_a, keep_b);
+  if (low > 3) ::close_range(3, unsigned(low - 1), 0);
+  if (high > low + 1) ::close_range(unsigned(low + 1), unsigned(high - 1), 0);
+  ::close_range(unsigned(high + 1), ~0U, 0);
+}
+
+[[noreturn]] void shepherd_main(int socket, int ended_write, const rlimit& files_limit) {
+  // Nothing of the scheduler's may stay open here (its journal, lock, signalfd, another
+  // shepherd's socket, an attempt's files): each would outlive the scheduler with this process.
+  close_all_but(socket, ended_write);
+  for (int fd = 0; fd < 3; ++fd) {
+    // 0, 1 and 2 stay taken (by /dev/null if the scheduler ran without them), so an attempt's
+    // files arrive as 3 and up and the job's dup2 onto 1 and 2 cannot clobber one another.
+    if (::fcntl(fd, F_GETFD) < 0) ::open("/dev/null", O_RDWR);
+  }
+  ::setrlimit(RLIMIT_NOFILE, &files_limit);  // jobs get the limit the scheduler was started with
   // The job gets the signals the scheduler forwards; the shepherd must outlive it to record how
-  // it ended, so it ignores them itself.
+  // it ended, so it ignores them itself (not SIGKILL: a second Ctrl-C kills both).
   for (int signal_number : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE}) ::signal(signal_number, SIG_IGN);
   ::signal(SIGCHLD, SIG_DFL);
   sigset_t none;
@@ -196,12 +218,18 @@ void run_attempt(ShepherdOrder& order) {
   ::sigprocmask(SIG_SETMASK, &none, nullptr);  // the scheduler blocks signals for its signalfd
   ::setpgid(0, 0);
   const std::int32_t self = ::getpid();
-  while (auto order = receive_order(socket)) {
-    run_attempt(*order);
-    order.reset();
-    // A scheduler that is gone cannot hear it (EPIPE): the next receive sees the socket closed.
-    while (::write(ended_write, &self, sizeof self) < 0 && errno == EINTR) {
+  try {
+    while (auto order = receive_order(socket)) {
+      run_attempt(*order);
+      order.reset();
+      // A scheduler that is gone cannot hear it (EPIPE): the next receive sees the socket closed.
+      while (::write(ended_write, &self, sizeof self) < 0 && errno == EINTR) {
+      }
     }
+  } catch (...) {
+    // Never unwind into the scheduler's frames this process was forked from. The attempt, if
+    // any, has no status: it is requeued.
+    ::_exit(70);
   }
   ::_exit(0);
 }
@@ -247,6 +275,7 @@ ShepherdPool::~ShepherdPool() {
   for (int fd : {ended_read_, ended_write_}) {
     if (fd >= 0) ::close(fd);
   }
+  if (raised_files_limit_) ::setrlimit(RLIMIT_NOFILE, &files_limit_);
 }
 
 ShepherdPool::Member* ShepherdPool::find(pid_t pid) {
@@ -256,37 +285,43 @@ ShepherdPool::Member* ShepherdPool::find(pid_t pid) {
   return nullptr;
 }
 
-Result<pid_t> ShepherdPool::idle(const std::vector<int>& close_in_child) {
+Result<pid_t> ShepherdPool::idle() {
   for (const auto& member : members_) {
     if (!member.busy) return member.pid;
   }
   if (ended_read_ < 0) {
+    // One socket per shepherd stays open here: allow as many as the hard limit does (a thousand
+    // jobs at once would pass the usual soft limit of 1024). Shepherds put it back for jobs.
+    if (::getrlimit(RLIMIT_NOFILE, &files_limit_) == 0 && files_limit_.rlim_cur < files_limit_.rlim_max) {
+      rlimit raised = files_limit_;
+      raised.rlim_cur = raised.rlim_max;
+      raised_files_limit_ = ::setrlimit(RLIMIT_NOFILE, &raised) == 0;
+    }
     int ends[2];
     if (::pipe2(ends, O_CLOEXEC) != 0) return make_error(Errc::state, std::string("cannot make a pipe: ") + std::strerror(errno));
     ended_read_ = ends[0];
     ended_write_ = ends[1];
     ::fcntl(ended_read_, F_SETFL, O_NONBLOCK);
   }
+  // Out of descriptors or processes is "not now" while a shepherd is busy: it will be free again.
+  auto cannot = [this](const char* what, int error) {
+    const bool busy = std::any_of(members_.begin(), members_.end(), [](const Member& member) { return member.busy; });
+    const bool scarce = error == EMFILE || error == ENFILE || error == EAGAIN || error == ENOMEM;
+    return make_error(scarce && busy ? Errc::nothing_fits : Errc::state, std::string(what) + std::strerror(error));
+  };
   int ends[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, ends) != 0) {
-    return make_error(Errc::state, std::string("cannot make a socket pair: ") + std::strerror(errno));
-  }
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, ends) != 0) return cannot("cannot make a socket pair: ", errno);
   const pid_t pid = ::fork();
   if (pid < 0) {
     const int error = errno;
     ::close(ends[0]);
     ::close(ends[1]);
-    return make_error(Errc::state, std::string("cannot fork a job's shepherd: ") + std::strerror(error));
+    return cannot("cannot fork a job's shepherd: ", error);
   }
   if (pid == 0) {
     // Only async-signal-safe work would be strictly required after fork in a threaded process;
-    // the scheduler is single-threaded, so the shepherd may allocate. It keeps no descriptor of
-    // the scheduler's or of another shepherd's: each shepherd must see its own socket close.
-    for (int fd : close_in_child) ::close(fd);
-    for (const auto& member : members_) ::close(member.socket);
-    ::close(ends[0]);
-    ::close(ended_read_);
-    shepherd_main(ends[1], ended_write_);
+    // the scheduler is single-threaded, so the shepherd may allocate.
+    shepherd_main(ends[1], ended_write_, files_limit_);
   }
   ::close(ends[1]);
   ::setpgid(pid, pid);  // also set here, so a signal sent right after fork reaches its group
@@ -297,6 +332,11 @@ Result<pid_t> ShepherdPool::idle(const std::vector<int>& close_in_child) {
 Result<void> ShepherdPool::hand(pid_t shepherd, const ShepherdOrder& order) {
   Member* member = find(shepherd);
   if (member == nullptr || member->busy) return make_error(Errc::internal, "no idle shepherd " + std::to_string(shepherd));
+  auto has_nul = [](const std::string& field) { return field.find('\0') != std::string::npos; };
+  if (has_nul(order.cwd) || has_nul(order.lease_path) || std::any_of(order.argv.begin(), order.argv.end(), has_nul) ||
+      std::any_of(order.environment.begin(), order.environment.end(), has_nul)) {
+    return make_error(Errc::bad_input, "a job's command, environment or folder holds a NUL character");
+  }
   std::string text;
   put(text, order.cwd);
   put(text, order.lease_path);
@@ -394,8 +434,7 @@ AttemptFilePool::AttemptFilePool(std::string logs_dir) : logs_dir_(std::move(log
 
 // A spare renamed to `target` and emptied, or `target` created when no spare is usable. A spare
 // that was a run file is overwritten with NULs rather than truncated (readers stop at the first
-// NUL): freeing its block would cost a discard on every reuse. Always a descriptor >= 3, so the
-// shepherd's dup2 onto 1 and 2 cannot clobber another.
+// NUL): freeing its block would cost a discard on every reuse.
 int AttemptFilePool::take(const std::string& target, int flags) {
   int fd = -1;
   while (fd < 0 && !spares_.empty()) {
@@ -417,11 +456,6 @@ int AttemptFilePool::take(const std::string& target, int flags) {
     }
   }
   if (fd < 0) fd = ::open(target.c_str(), flags | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
-  if (fd >= 0 && fd < 3) {
-    const int moved = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
-    ::close(fd);
-    fd = moved;
-  }
   return fd;
 }
 
@@ -429,8 +463,14 @@ Result<OpenedAttemptFiles> AttemptFilePool::open(const AttemptFiles& files) {
   OpenedAttemptFiles opened;
   opened.run = take(files.run, O_RDWR);
   if (opened.run >= 0 && ::flock(opened.run, LOCK_EX | LOCK_NB) != 0) {
+    // Somebody holds the inode a spare gave us: a new one under the name instead.
     ::close(opened.run);
-    opened.run = -1;
+    ::unlink(files.run.c_str());
+    opened.run = ::open(files.run.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (opened.run >= 0 && ::flock(opened.run, LOCK_EX | LOCK_NB) != 0) {
+      ::close(opened.run);
+      opened.run = -1;
+    }
   }
   const std::string* failed = &files.run;
   if (opened.run >= 0) {
@@ -451,18 +491,23 @@ Result<OpenedAttemptFiles> AttemptFilePool::open(const AttemptFiles& files) {
 
 // Renamed to a spare only when nothing else holds it open: a write lease is granted only then
 // (fcntl(2)), so a job's leftover background process that still writes to its log can never
-// write into a later job's. `only_if_empty`: logs are kept once they hold anything.
+// write into a later job's. While the lease is held nobody can open the file without waiting for
+// it (the kernel sends this process SIGIO, which the scheduler ignores), so its size is read
+// again then, and it is renamed before the lease ends. `only_if_empty`: logs are kept once they
+// hold anything.
 void AttemptFilePool::give_back(const std::string& path, bool only_if_empty) {
   if (spares_.size() >= kMostAttemptSpares) return;
   const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) return;
-  struct stat info {};
-  const bool candidate = ::fstat(fd, &info) == 0 && S_ISREG(info.st_mode) && info.st_nlink == 1 &&
-                         info.st_uid == ::geteuid() && (!only_if_empty || info.st_size == 0);
-  if (candidate && ::fcntl(fd, F_SETLEASE, F_WRLCK) == 0) {
-    ::fcntl(fd, F_SETLEASE, F_UNLCK);
+  auto candidate = [&]() {
+    struct stat info {};
+    return ::fstat(fd, &info) == 0 && S_ISREG(info.st_mode) && info.st_nlink == 1 && info.st_uid == ::geteuid() &&
+           (!only_if_empty || info.st_size == 0);
+  };
+  if (candidate() && ::fcntl(fd, F_SETLEASE, F_WRLCK) == 0) {
     std::string name = kSparePrefix + std::to_string(next_++);
-    if (::rename(path.c_str(), (logs_dir_ + "/" + name).c_str()) == 0) spares_.push_back(std::move(name));
+    if (candidate() && ::rename(path.c_str(), (logs_dir_ + "/" + name).c_str()) == 0) spares_.push_back(std::move(name));
+    ::fcntl(fd, F_SETLEASE, F_UNLCK);
   }
   ::close(fd);
 }

@@ -13,6 +13,7 @@
 // being copied on write after every start: that was two fifths of its CPU with short jobs.
 #pragma once
 
+#include <sys/resource.h>
 #include <sys/types.h>
 
 #include <optional>
@@ -36,7 +37,8 @@ struct AttemptOutcome {
   std::string error;  // the job could not be started (exec failed): exit_code is 127 or 126
 };
 
-// An attempt's three files, open: `run` empty and flock'ed, `out` and `err` empty, for appending.
+// An attempt's three files, open: `run` flock'ed and without a status (empty, or NULs over an
+// old one), `out` and `err` empty, for appending.
 struct OpenedAttemptFiles {
   int run = -1, out = -1, err = -1;
   void close_all();
@@ -47,7 +49,8 @@ struct OpenedAttemptFiles {
 // create on the test machines) three creates per attempt were a third of the CPU of a batch of
 // short jobs. A concluded attempt's run file, and its logs when they stayed empty and no process
 // holds them open, are renamed `.spare-N`; a later attempt's files are spares renamed back (and
-// truncated), created only when none is left. So a log that stayed empty is not kept.
+// emptied), created only when none is left. So a log that stayed empty is usually not kept (it
+// is where leases are not supported, or past 1024 spares).
 class AttemptFilePool {
  public:
   explicit AttemptFilePool(std::string logs_dir);  // adopts the spares an earlier run left
@@ -76,8 +79,9 @@ struct ShepherdOrder {
   int lease_fd = -1;
 };
 
-// The batch's shepherds. Each leads its own process group (so a signal sent to -pid reaches its
-// attempt's job; the shepherd itself ignores it).
+// The batch's shepherds. Each leads its own process group, in which its jobs run: a signal sent
+// to -pid reaches its attempt's job (and whatever earlier jobs of that shepherd left behind);
+// the shepherd itself ignores SIGINT, SIGTERM, SIGHUP and SIGQUIT, not SIGKILL.
 class ShepherdPool {
  public:
   ShepherdPool() = default;
@@ -89,9 +93,10 @@ class ShepherdPool {
 
   // Readable when an attempt ended (then call ended()).
   int ended_fd() const { return ended_read_; }
-  // An idle shepherd, forked when none is. `close_in_child`: the caller's own descriptors
-  // (journal lock, signalfd…) that a shepherd must not keep alive.
-  Result<pid_t> idle(const std::vector<int>& close_in_child);
+  // An idle shepherd, forked when none is. A new shepherd closes every descriptor it inherits
+  // but its socket and the pipe. Errc::nothing_fits when no descriptor or process can be made
+  // now while some shepherd is busy (try again once one is free); Errc::state otherwise.
+  Result<pid_t> idle();
   // Hands `order` to `shepherd` (from idle()), which is busy until it reports the end.
   Result<void> hand(pid_t shepherd, const ShepherdOrder& order);
   // Shepherds whose attempts ended since the last call; they are idle again.
@@ -109,6 +114,8 @@ class ShepherdPool {
   Member* find(pid_t pid);
   std::vector<Member> members_;
   int ended_read_ = -1, ended_write_ = -1;
+  rlimit files_limit_{};  // RLIMIT_NOFILE as this process had it (jobs get it back)
+  bool raised_files_limit_ = false;
 };
 
 // The words a job runs: its argv, or its shell line exec'd directly when plain (direct_argv),

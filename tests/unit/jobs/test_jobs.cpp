@@ -87,6 +87,9 @@ TEST(JobsFile, RejectsWithTheLine) {
       {"{\"cmd\": \"x\", \"cwd\": \"/no/such/dir\"}\n", "is not an existing directory"},
       {"{\"cmd\": \"x\", \"retries\": -1}\n", "\"retries\" must be a whole number"},
       {"{\"name\": \"job-2\", \"cmd\": \"x\"}\n{\"cmd\": \"y\"}\n", "line 2: name 'job-2' is already used by line 1"},
+      {"{\"cmd\": [\"echo\", \"a\\u0000b\"]}\n", "line 1: a string holds a NUL character"},
+      {"{\"cmd\": \"x\", \"env\": {\"A\": \"\\u0000\"}}\n", "line 1: a string holds a NUL character"},
+      {"{\"cmd\": \"x\"}\n{\"cmd\": \"x\", \"cwd\": \"/tmp\\u0000x\"}\n", "line 2: a string holds a NUL character"},
   };
   for (const auto& c : cases) {
     auto jobs = parse_jobs(c.text, JobDefaults{});
@@ -204,9 +207,6 @@ TEST(AttemptFilePool, CreatesWhenNoSpareThenReusesTheInodesOfAConcludedAttempt) 
   const AttemptFiles first = attempt_files(logs.str(), "a", 1);
   auto opened = pool.open(first);
   ASSERT_TRUE(opened) << opened.error().message;
-  EXPECT_GE(opened->run, 3);
-  EXPECT_GE(opened->out, 3);
-  EXPECT_GE(opened->err, 3);
   // The run file is locked for the attempt.
   const int other = ::open(first.run.c_str(), O_RDONLY);
   EXPECT_NE(::flock(other, LOCK_EX | LOCK_NB), 0);
@@ -313,31 +313,56 @@ pid_t wait_for_an_end(ShepherdPool& pool) {
   return 0;
 }
 
+// The spare a released lease file became (HeldLease::release renames it in its folder).
+std::string released_spare(const Folder& folder) {
+  for (const auto& name : folder.names()) {
+    if (name.rfind(".spare-" + std::to_string(::geteuid()) + "-", 0) == 0) return folder / name;
+  }
+  return "";
+}
+
+bool locked_by_anyone(const std::string& path) {
+  const int probe = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (probe < 0) return false;
+  const bool locked = ::flock(probe, LOCK_EX | LOCK_NB) != 0;
+  ::close(probe);
+  return locked;
+}
+
 TEST(ShepherdPool, OneShepherdRunsAttemptAfterAttemptAndReleasesEachLease) {
   Folder logs("shepherds");
+  Folder leases("shepherd-leases");
   AttemptFilePool files_pool(logs.str());
   ShepherdPool pool;
-  pid_t first_shepherd = 0;
+  pid_t first = 0;
   for (int attempt = 1; attempt <= 2; ++attempt) {
-    auto shepherd = pool.idle({});
+    auto shepherd = pool.idle();
     ASSERT_TRUE(shepherd) << shepherd.error().message;
-    if (attempt == 1) first_shepherd = *shepherd;
-    EXPECT_EQ(*shepherd, first_shepherd) << "an idle shepherd is reused, not forked again";
+    if (attempt == 1) first = *shepherd;
+    if (attempt == 2) {
+      EXPECT_EQ(*shepherd, first) << "the idle first shepherd is reused, not another forked";
+    }
     const AttemptFiles files = attempt_files(logs.str(), "job", unsigned(attempt));
     auto opened = files_pool.open(files);
     ASSERT_TRUE(opened);
-    FakeLease lease(logs / ("lease-" + std::to_string(attempt)));
-    ShepherdOrder order{{"/bin/sh", "-c", "echo out-$N; echo err >&2; pwd; exit 3"},
+    FakeLease lease(leases / ("lease-" + std::to_string(attempt)));
+    ShepherdOrder order{{"/bin/sh", "-c", "sleep 0.2; echo out-$N; echo err >&2; pwd; exit 3"},
                         {"N=" + std::to_string(attempt), "PATH=/usr/bin:/bin"},
                         "/",
                         lease.path,
                         *opened,
                         lease.fd};
     ASSERT_TRUE(pool.hand(*shepherd, order));
-    EXPECT_FALSE(pool.idle({}).value() == *shepherd) << "a busy shepherd is not offered";
     opened->close_all();
     ::close(lease.fd);
+    // While it is busy another is forked; it must not keep this attempt's files or lease.
+    auto other = pool.idle();
+    ASSERT_TRUE(other);
+    EXPECT_NE(*other, *shepherd);
+    EXPECT_TRUE(jobs_internal::attempt_alive(files.run));
+    EXPECT_TRUE(locked_by_anyone(lease.path));
     EXPECT_EQ(wait_for_an_end(pool), *shepherd);
+    EXPECT_FALSE(jobs_internal::attempt_alive(files.run)) << "nobody else holds the run file";
     auto outcome = read_outcome(files.run);
     ASSERT_TRUE(outcome);
     EXPECT_EQ(outcome->exit_code, 3);
@@ -345,9 +370,14 @@ TEST(ShepherdPool, OneShepherdRunsAttemptAfterAttemptAndReleasesEachLease) {
     EXPECT_EQ(text_of(files.out), "out-" + std::to_string(attempt) + "\n/\n");
     EXPECT_EQ(text_of(files.err), "err\n");
     EXPECT_FALSE(std::filesystem::exists(lease.path)) << "released: renamed to a spare";
+    const std::string spare = released_spare(leases);
+    ASSERT_FALSE(spare.empty());
+    EXPECT_FALSE(locked_by_anyone(spare)) << "nobody else holds the released lease";
+    std::filesystem::remove(spare);
     files_pool.recycle(files);
+    EXPECT_EQ(files_pool.spares(), 1u) << "the run file; both logs hold output";
   }
-  EXPECT_EQ(pool.size(), 2u);  // the one made while the first was busy, and the first
+  EXPECT_EQ(pool.size(), 2u);
 }
 
 TEST(ShepherdPool, AShepherdWhoseSchedulerIsGoneFinishesItsAttemptAndExits) {
@@ -358,7 +388,7 @@ TEST(ShepherdPool, AShepherdWhoseSchedulerIsGoneFinishesItsAttemptAndExits) {
   pid_t shepherd = 0;
   {
     ShepherdPool pool;
-    shepherd = pool.idle({}).value();
+    shepherd = pool.idle().value();
     auto opened = files_pool.open(files);
     ASSERT_TRUE(opened);
     ShepherdOrder order{{"/bin/sh", "-c", "sleep 0.3; echo done"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
@@ -383,7 +413,7 @@ TEST(ShepherdPool, AJobThatCannotStartIsRecordedAndTheShepherdCarriesOn) {
   Folder logs("shepherd-nostart");
   AttemptFilePool files_pool(logs.str());
   ShepherdPool pool;
-  const pid_t shepherd = pool.idle({}).value();
+  const pid_t shepherd = pool.idle().value();
   const AttemptFiles files = attempt_files(logs.str(), "missing", 1);
   auto opened = files_pool.open(files);
   ASSERT_TRUE(opened);
@@ -398,18 +428,107 @@ TEST(ShepherdPool, AJobThatCannotStartIsRecordedAndTheShepherdCarriesOn) {
   EXPECT_EQ(outcome->exit_code, 127);
   EXPECT_NE(outcome->error.find("no-such-program-gpuslot"), std::string::npos);
   EXPECT_NE(text_of(files.err).find("cannot start no-such-program-gpuslot"), std::string::npos);
-  EXPECT_EQ(pool.idle({}).value(), shepherd);
+  EXPECT_EQ(pool.idle().value(), shepherd);
 }
 
-TEST(ShepherdPool, ForgetsAShepherdThatDied) {
+TEST(ShepherdPool, ASignalToTheGroupReachesTheCurrentJobAndTheShepherdSurvivesIt) {
+  Folder logs("shepherd-signal");
+  AttemptFilePool files_pool(logs.str());
   ShepherdPool pool;
-  const pid_t shepherd = pool.idle({}).value();
+  const pid_t shepherd = pool.idle().value();
+  for (int attempt = 1; attempt <= 2; ++attempt) {
+    const AttemptFiles files = attempt_files(logs.str(), "job", unsigned(attempt));
+    auto opened = files_pool.open(files);
+    ASSERT_TRUE(opened);
+    FakeLease lease(logs / ("lease-" + std::to_string(attempt)));
+    ShepherdOrder order{{"/bin/sleep", "5"}, {}, "", lease.path, *opened, lease.fd};
+    ASSERT_TRUE(pool.hand(shepherd, order));
+    opened->close_all();
+    ::close(lease.fd);
+    for (int i = 0; i < 100 && jobs_internal::shepherd_pid(files.run) == 0; ++i) ::usleep(10000);
+    ::usleep(50000);  // the job is spawned right after the pid line
+    ASSERT_EQ(::kill(-shepherd, SIGTERM), 0);  // what the scheduler does on Ctrl-C / TERM
+    ASSERT_EQ(wait_for_an_end(pool), shepherd);
+    auto outcome = read_outcome(files.run);
+    ASSERT_TRUE(outcome);
+    EXPECT_EQ(outcome->signal, SIGTERM) << "attempt " << attempt;
+    EXPECT_EQ(pool.idle().value(), shepherd) << "the shepherd ignored it and takes the next attempt";
+    files_pool.recycle(files);
+  }
+}
+
+TEST(ShepherdPool, AShepherdKilledMidAttemptLeavesNoOutcomeAndNoLock) {
+  Folder logs("shepherd-killed");
+  AttemptFilePool files_pool(logs.str());
+  ShepherdPool pool;
+  const pid_t shepherd = pool.idle().value();
+  const AttemptFiles files = attempt_files(logs.str(), "job", 1);
+  auto opened = files_pool.open(files);
+  ASSERT_TRUE(opened);
+  FakeLease lease(logs / "lease");
+  ShepherdOrder order{{"/bin/sleep", "5"}, {}, "", lease.path, *opened, lease.fd};
+  ASSERT_TRUE(pool.hand(shepherd, order));
+  opened->close_all();
+  ::close(lease.fd);
+  for (int i = 0; i < 100 && jobs_internal::shepherd_pid(files.run) == 0; ++i) ::usleep(10000);
   ASSERT_EQ(::kill(shepherd, SIGKILL), 0);
   ASSERT_EQ(::waitpid(shepherd, nullptr, 0), shepherd);
+  ::kill(-shepherd, SIGKILL);  // its orphaned job
+  EXPECT_TRUE(pool.forget(shepherd));
+  EXPECT_FALSE(read_outcome(files.run)) << "no status: the scheduler requeues the attempt";
+  EXPECT_FALSE(jobs_internal::attempt_alive(files.run));
+  EXPECT_TRUE(std::filesystem::exists(lease.path));
+  EXPECT_FALSE(lease.locked_elsewhere()) << "the kernel dropped the dead holder's lock: the lease is gone";
+}
+
+TEST(ShepherdPool, HandingToADeadShepherdFailsAndItIsForgotten) {
+  Folder logs("shepherd-dead");
+  AttemptFilePool files_pool(logs.str());
+  ShepherdPool pool;
+  const pid_t shepherd = pool.idle().value();
+  ASSERT_EQ(::kill(shepherd, SIGKILL), 0);
+  ASSERT_EQ(::waitpid(shepherd, nullptr, 0), shepherd);
+  const AttemptFiles files = attempt_files(logs.str(), "job", 1);
+  auto opened = files_pool.open(files);
+  ASSERT_TRUE(opened);
+  FakeLease lease(logs / "lease");
+  ShepherdOrder order{{"/bin/true"}, {}, "", lease.path, *opened, lease.fd};
+  EXPECT_FALSE(pool.hand(shepherd, order));
+  opened->close_all();
   EXPECT_TRUE(pool.forget(shepherd));
   EXPECT_FALSE(pool.forget(shepherd));
   EXPECT_EQ(pool.size(), 0u);
-  EXPECT_NE(pool.idle({}).value(), shepherd);
+  EXPECT_NE(pool.idle().value(), shepherd);
+  ::close(lease.fd);
+}
+
+TEST(ShepherdPool, ASchedulerRunWithoutStandardDescriptorsStillSendsEachStreamToItsLog) {
+  Folder logs("shepherd-nostdio");
+  const AttemptFiles files = attempt_files(logs.str(), "job", 1);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    // With 0, 1 and 2 closed, the shepherd is forked holding its pipe and socket there, and the
+    // attempt's files are opened on what is left of them.
+    for (int fd = 0; fd < 3; ++fd) ::close(fd);
+    AttemptFilePool files_pool(logs.str());
+    ShepherdPool pool;
+    const pid_t shepherd = pool.idle().value();
+    auto opened = files_pool.open(files);
+    if (!opened) ::_exit(10);
+    FakeLease lease(logs / "lease");
+    ShepherdOrder order{{"/bin/sh", "-c", "echo to-out; echo to-err >&2"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
+    if (!pool.hand(shepherd, order)) ::_exit(11);
+    opened->close_all();
+    ::close(lease.fd);
+    ::_exit(wait_for_an_end(pool) == shepherd ? 0 : 12);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  ASSERT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_EQ(text_of(files.out), "to-out\n");
+  EXPECT_EQ(text_of(files.err), "to-err\n");
 }
 
 }  // namespace
