@@ -199,7 +199,8 @@ void close_all_but(int keep_a, int keep_b) {
   ::close_range(unsigned(high + 1), ~0U, 0);
 }
 
-[[noreturn]] void shepherd_main(int socket, int ended_write, const rlimit& files_limit) {
+// `files_limit`: RLIMIT_NOFILE to put back for jobs, null when the scheduler did not change it.
+[[noreturn]] void shepherd_main(int socket, int ended_write, const rlimit* files_limit) {
   // Nothing of the scheduler's may stay open here (its journal, lock, signalfd, another
   // shepherd's socket, an attempt's files): each would outlive the scheduler with this process.
   close_all_but(socket, ended_write);
@@ -208,7 +209,7 @@ void close_all_but(int keep_a, int keep_b) {
     // files arrive as 3 and up and the job's dup2 onto 1 and 2 cannot clobber one another.
     if (::fcntl(fd, F_GETFD) < 0) ::open("/dev/null", O_RDWR);
   }
-  ::setrlimit(RLIMIT_NOFILE, &files_limit);  // jobs get the limit the scheduler was started with
+  if (files_limit != nullptr) ::setrlimit(RLIMIT_NOFILE, files_limit);  // jobs get the scheduler's own
   // The job gets the signals the scheduler forwards; the shepherd must outlive it to record how
   // it ended, so it ignores them itself (not SIGKILL: a second Ctrl-C kills both).
   for (int signal_number : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE}) ::signal(signal_number, SIG_IGN);
@@ -321,7 +322,7 @@ Result<pid_t> ShepherdPool::idle() {
   if (pid == 0) {
     // Only async-signal-safe work would be strictly required after fork in a threaded process;
     // the scheduler is single-threaded, so the shepherd may allocate.
-    shepherd_main(ends[1], ended_write_, files_limit_);
+    shepherd_main(ends[1], ended_write_, raised_files_limit_ ? &files_limit_ : nullptr);
   }
   ::close(ends[1]);
   ::setpgid(pid, pid);  // also set here, so a signal sent right after fork reaches its group

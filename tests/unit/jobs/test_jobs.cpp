@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/file.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -500,6 +501,45 @@ TEST(ShepherdPool, HandingToADeadShepherdFailsAndItIsForgotten) {
   EXPECT_EQ(pool.size(), 0u);
   EXPECT_NE(pool.idle().value(), shepherd);
   ::close(lease.fd);
+}
+
+TEST(ShepherdPool, TheSchedulerMayOpenAsManySocketsAsTheHardLimitAllowsAndJobsKeepItsOwnLimit) {
+  rlimit limit{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &limit), 0);
+  if (limit.rlim_max <= 256) GTEST_SKIP() << "the hard limit on open files is " << limit.rlim_max << ", no room to lower the soft one";
+  Folder logs("shepherd-limit");
+  const AttemptFiles files = attempt_files(logs.str(), "job", 1);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    rlimit lowered = limit;
+    lowered.rlim_cur = 256;
+    if (::setrlimit(RLIMIT_NOFILE, &lowered) != 0) ::_exit(10);
+    {
+      AttemptFilePool files_pool(logs.str());
+      ShepherdPool pool;
+      const pid_t shepherd = pool.idle().value();
+      rlimit now{};
+      ::getrlimit(RLIMIT_NOFILE, &now);
+      if (now.rlim_cur != limit.rlim_max) ::_exit(11);
+      auto opened = files_pool.open(files);
+      if (!opened) ::_exit(12);
+      FakeLease lease(logs / "lease");
+      ShepherdOrder order{{"/bin/sh", "-c", "ulimit -n"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
+      if (!pool.hand(shepherd, order)) ::_exit(13);
+      opened->close_all();
+      ::close(lease.fd);
+      if (wait_for_an_end(pool) != shepherd) ::_exit(14);
+    }
+    rlimit after{};
+    ::getrlimit(RLIMIT_NOFILE, &after);
+    ::_exit(after.rlim_cur == 256 ? 0 : 15);  // the pool put its own process's limit back too
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  ASSERT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_EQ(text_of(files.out), "256\n");
 }
 
 TEST(ShepherdPool, ASchedulerRunWithoutStandardDescriptorsStillSendsEachStreamToItsLog) {
