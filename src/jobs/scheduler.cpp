@@ -547,9 +547,18 @@ class Scheduler {
       }
       auto started = start(index, requirements, snapshot, now);
       if (!started) return started.error();
-      if (!*started) {
+      if (*started == Start::refused) {
         if (plain) smallest_misfit[job.spec.gpus] = job.spec.memory_bytes;
         still_queued.push_back(index);
+        continue;
+      }
+      if (*started == Start::no_shepherd) {
+        full = true;  // none can be made until one is free: the rest wait for the next pass
+        still_queued.push_back(index);
+        continue;
+      }
+      if (*started == Start::failed) {
+        dependency_failures.push_back(index);  // committed and reported with those below
         continue;
       }
       for (unsigned gpu : jobs_[index].gpu_indices) reserved[gpu] += requirements.memory_bytes;
@@ -574,13 +583,20 @@ class Scheduler {
     return child_environment(environ, settings);
   }
 
-  // Reserve, journal, hand to a shepherd. false when the ledger refused (another launch took the
-  // room first) or no shepherd could take it now (it stays queued).
-  Result<bool> start(std::size_t index, const Requirements& requirements, const Snapshot& snapshot, double now) {
+  // What start() did with a job: `refused` and `no_shepherd` leave it queued.
+  enum class Start {
+    started,
+    refused,      // the ledger refused: another launch took the room first
+    no_shepherd,  // no shepherd can be made now (descriptors, processes) while one is busy
+    failed,       // the job can never be handed over (fail()ed; the caller commits it)
+  };
+
+  // Reserve, journal, hand to a shepherd.
+  Result<Start> start(std::size_t index, const Requirements& requirements, const Snapshot& snapshot, double now) {
     JobStatus& job = jobs_[index];
     auto shepherd = shepherds_.idle();
     if (!shepherd) {
-      if (shepherd.error().code == Errc::nothing_fits) return false;  // a busy shepherd will be free
+      if (shepherd.error().code == Errc::nothing_fits) return Start::no_shepherd;
       return shepherd.error();
     }
     ReserveRequest request;
@@ -591,7 +607,7 @@ class Scheduler {
     auto reservation = ledger_.reserve(
         request, [cached]() -> Result<Snapshot> { return *cached; }, visibility_of_);
     if (!reservation) return reservation.error();
-    if (!reservation->lease) return false;
+    if (!reservation->lease) return Start::refused;
 
     const unsigned attempt = job.attempts + 1;
     const AttemptFiles files = attempt_files(logs_dir_, job.spec.name, attempt);
@@ -620,27 +636,27 @@ class Scheduler {
     auto handed = shepherds_.hand(*shepherd, order);
     opened->close_all();
     if (!handed) {
-      // It died (or is dying) before taking the order: the attempt never ran. It stays queued
-      // and the lease goes with `reservation`; the shepherd is put down and reaped later.
+      // The attempt never ran; its lease goes with `reservation`. (Were the scheduler to stop
+      // before the next commit, --resume would find the attempt without a lock or a status and
+      // requeue it.)
       job = before;
-      if (auto undone = commit({index}); !undone) return undone.error();  // else --resume requeues it
-      if (handed.error().code == Errc::bad_input) {
+      if (handed.error().code == Errc::bad_input) {  // an order no shepherd can take
         fail(index, handed.error().message);
-        if (auto done = commit({index}); !done) return done.error();
-        emit_pending_(index);
-        pending_events_.clear();
-        return true;
+        return Start::failed;
       }
+      if (handed.error().code != Errc::nothing_fits) return handed.error();
+      // The shepherd died before taking it: put down, reaped later; the job stays queued.
+      if (auto undone = commit({index}); !undone) return undone.error();
       ::kill(*shepherd, SIGKILL);
       shepherds_.forget(*shepherd);
-      return false;
+      return Start::refused;
     }
     reservation->lease->detach();  // the shepherd holds it now
     running_[*shepherd] = Attempt{index, *shepherd, false, files};
     running_count_ = running_.size() + adopted_.size();
     occupy_gpus(index);
     observer_.on_event(BatchEvent{BatchEvent::Kind::started, &job, ""});
-    return true;
+    return Start::started;
   }
 
   void report_progress() {

@@ -45,6 +45,7 @@ void write_status(int run_fd, const std::string& line) { write_all(run_fd, line 
 // (NUL-terminated fields: cwd, lease path, argc, argv…, envc, environment…).
 
 constexpr std::size_t kOrderFds = 4;  // run, out, err, lease
+constexpr std::uint64_t kLongestOrder = std::uint64_t(1) << 30;
 
 void put(std::string& text, const std::string& field) {
   text += field;
@@ -101,7 +102,7 @@ std::optional<ShepherdOrder> receive_order(int socket) {
     for (int fd : fds) ::close(fd);
     return std::nullopt;
   };
-  if (n != ssize_t(sizeof length) || fds.size() != kOrderFds || length > (std::uint64_t(1) << 30)) return drop();
+  if (n != ssize_t(sizeof length) || fds.size() != kOrderFds || length > kLongestOrder) return drop();
   std::string text(length, '\0');
   if (!read_exactly(socket, text.data(), text.size())) return drop();
   std::vector<std::string> fields;
@@ -191,12 +192,25 @@ void run_attempt(ShepherdOrder& order) {
   order.files.close_all();  // the run file's lock goes last: the status is in it by then
 }
 
-// Closes every descriptor above 2 but `keep_a` and `keep_b`.
+// Closes every descriptor above 2 but `keep_a` and `keep_b`: close_range(2), or where the kernel
+// lacks it (before 5.9, or a seccomp filter refuses it) one by one from /proc/self/fd.
 void close_all_but(int keep_a, int keep_b) {
-  const int low = std::min(keep_a, keep_b), high = std::max(keep_a, keep_b);
-  if (low > 3) ::close_range(3, unsigned(low - 1), 0);
-  if (high > low + 1) ::close_range(unsigned(low + 1), unsigned(high - 1), 0);
-  ::close_range(unsigned(high + 1), ~0U, 0);
+  const unsigned low = unsigned(std::min(keep_a, keep_b)), high = unsigned(std::max(keep_a, keep_b));
+  bool closed = true;
+  if (low > 3) closed = ::close_range(3, low - 1, 0) == 0;
+  if (closed && high > std::max(low + 1, 3u)) closed = ::close_range(std::max(low + 1, 3u), high - 1, 0) == 0;
+  if (closed) closed = ::close_range(std::max(high + 1, 3u), ~0U, 0) == 0;
+  if (closed) return;
+  std::vector<int> open;
+  if (DIR* listing = ::opendir("/proc/self/fd")) {
+    const int own = ::dirfd(listing);
+    while (const dirent* entry = ::readdir(listing)) {
+      const int fd = std::atoi(entry->d_name);
+      if (fd > 2 && fd != own && fd != keep_a && fd != keep_b) open.push_back(fd);
+    }
+    ::closedir(listing);
+  }
+  for (int fd : open) ::close(fd);
 }
 
 // `files_limit`: RLIMIT_NOFILE to put back for jobs, null when the scheduler did not change it.
@@ -293,7 +307,8 @@ Result<pid_t> ShepherdPool::idle() {
   if (ended_read_ < 0) {
     // One socket per shepherd stays open here: allow as many as the hard limit does (a thousand
     // jobs at once would pass the usual soft limit of 1024). Shepherds put it back for jobs.
-    if (::getrlimit(RLIMIT_NOFILE, &files_limit_) == 0 && files_limit_.rlim_cur < files_limit_.rlim_max) {
+    if (!raised_files_limit_ && ::getrlimit(RLIMIT_NOFILE, &files_limit_) == 0 &&
+        files_limit_.rlim_cur < files_limit_.rlim_max) {
       rlimit raised = files_limit_;
       raised.rlim_cur = raised.rlim_max;
       raised_files_limit_ = ::setrlimit(RLIMIT_NOFILE, &raised) == 0;
@@ -340,11 +355,16 @@ Result<void> ShepherdPool::hand(pid_t shepherd, const ShepherdOrder& order) {
   }
   std::string text;
   put(text, order.cwd);
+  // (An order longer than receive_order takes is refused below, as bad_input.)
   put(text, order.lease_path);
   put(text, std::to_string(order.argv.size()));
   for (const auto& word : order.argv) put(text, word);
   put(text, std::to_string(order.environment.size()));
   for (const auto& entry : order.environment) put(text, entry);
+  if (text.size() > kLongestOrder) {
+    return make_error(Errc::bad_input, "a job's command and environment are " + std::to_string(text.size() >> 20) +
+                                           " MiB; at most " + std::to_string(kLongestOrder >> 20) + " MiB");
+  }
   std::uint64_t length = text.size();
   const int fds[kOrderFds] = {order.files.run, order.files.out, order.files.err, order.lease_fd};
   alignas(cmsghdr) char control[CMSG_SPACE(sizeof fds)] = {};
@@ -364,7 +384,10 @@ Result<void> ShepherdPool::hand(pid_t shepherd, const ShepherdOrder& order) {
     n = ::sendmsg(member->socket, &message, MSG_NOSIGNAL);
   } while (n < 0 && errno == EINTR);
   if (n != ssize_t(sizeof length) || !send_all(member->socket, text.data(), text.size())) {
-    return make_error(Errc::state, "cannot hand a job to its shepherd " + std::to_string(shepherd) + ": " + std::strerror(errno));
+    // EPIPE, ECONNRESET: it died before taking the order (nothing_fits: try another).
+    const int error = errno;
+    return make_error(error == EPIPE || error == ECONNRESET ? Errc::nothing_fits : Errc::state,
+                      "cannot hand a job to its shepherd " + std::to_string(shepherd) + ": " + std::strerror(error));
   }
   member->busy = true;
   return {};
@@ -491,11 +514,11 @@ Result<OpenedAttemptFiles> AttemptFilePool::open(const AttemptFiles& files) {
 }
 
 // Renamed to a spare only when nothing else holds it open: a write lease is granted only then
-// (fcntl(2)), so a job's leftover background process that still writes to its log can never
-// write into a later job's. While the lease is held nobody can open the file without waiting for
-// it (the kernel sends this process SIGIO, which the scheduler ignores), so its size is read
-// again then, and it is renamed before the lease ends. `only_if_empty`: logs are kept once they
-// hold anything.
+// (fcntl(2)), so a job's leftover background process that still writes to its log cannot write
+// into a later job's. While the lease is held an open() of the file waits for it (and the kernel
+// sends this process SIGIO, which the scheduler ignores); such an open started meanwhile shows
+// as a lease being broken, and then the file goes back under its name and is not a spare.
+// `only_if_empty`: logs are kept once they hold anything.
 void AttemptFilePool::give_back(const std::string& path, bool only_if_empty) {
   if (spares_.size() >= kMostAttemptSpares) return;
   const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
@@ -507,7 +530,14 @@ void AttemptFilePool::give_back(const std::string& path, bool only_if_empty) {
   };
   if (candidate() && ::fcntl(fd, F_SETLEASE, F_WRLCK) == 0) {
     std::string name = kSparePrefix + std::to_string(next_++);
-    if (candidate() && ::rename(path.c_str(), (logs_dir_ + "/" + name).c_str()) == 0) spares_.push_back(std::move(name));
+    const std::string spare = logs_dir_ + "/" + name;
+    if (candidate() && ::rename(path.c_str(), spare.c_str()) == 0) {
+      if (::fcntl(fd, F_GETLEASE) == F_WRLCK) {
+        spares_.push_back(std::move(name));
+      } else {
+        ::rename(spare.c_str(), path.c_str());  // someone is opening it: it stays what it was
+      }
+    }
     ::fcntl(fd, F_SETLEASE, F_UNLCK);
   }
   ::close(fd);

@@ -94,10 +94,12 @@ class ShepherdPool {
   // Readable when an attempt ended (then call ended()).
   int ended_fd() const { return ended_read_; }
   // An idle shepherd, forked when none is. A new shepherd closes every descriptor it inherits
-  // but its socket and the pipe. Errc::nothing_fits when no descriptor or process can be made
+  // but 0-2, its socket and the pipe. Errc::nothing_fits when no descriptor or process can be made
   // now while some shepherd is busy (try again once one is free); Errc::state otherwise.
   Result<pid_t> idle();
   // Hands `order` to `shepherd` (from idle()), which is busy until it reports the end.
+  // Errc::bad_input for an order no shepherd can take (a NUL in a field, over 1 GiB);
+  // Errc::nothing_fits when the shepherd is gone (it died); Errc::state otherwise.
   Result<void> hand(pid_t shepherd, const ShepherdOrder& order);
   // Shepherds whose attempts ended since the last call; they are idle again.
   std::vector<pid_t> ended();

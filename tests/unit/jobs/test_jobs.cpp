@@ -354,12 +354,13 @@ TEST(ShepherdPool, OneShepherdRunsAttemptAfterAttemptAndReleasesEachLease) {
                         *opened,
                         lease.fd};
     ASSERT_TRUE(pool.hand(*shepherd, order));
-    opened->close_all();
-    ::close(lease.fd);
-    // While it is busy another is forked; it must not keep this attempt's files or lease.
+    // While it is busy another is forked, while this process still has the attempt's files and
+    // lease open: the new shepherd must not keep them.
     auto other = pool.idle();
     ASSERT_TRUE(other);
     EXPECT_NE(*other, *shepherd);
+    opened->close_all();
+    ::close(lease.fd);
     EXPECT_TRUE(jobs_internal::attempt_alive(files.run));
     EXPECT_TRUE(locked_by_anyone(lease.path));
     EXPECT_EQ(wait_for_an_end(pool), *shepherd);
@@ -442,12 +443,12 @@ TEST(ShepherdPool, ASignalToTheGroupReachesTheCurrentJobAndTheShepherdSurvivesIt
     auto opened = files_pool.open(files);
     ASSERT_TRUE(opened);
     FakeLease lease(logs / ("lease-" + std::to_string(attempt)));
-    ShepherdOrder order{{"/bin/sleep", "5"}, {}, "", lease.path, *opened, lease.fd};
+    ShepherdOrder order{{"/bin/sh", "-c", "echo started; exec sleep 5"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
     ASSERT_TRUE(pool.hand(shepherd, order));
     opened->close_all();
     ::close(lease.fd);
-    for (int i = 0; i < 100 && jobs_internal::shepherd_pid(files.run) == 0; ++i) ::usleep(10000);
-    ::usleep(50000);  // the job is spawned right after the pid line
+    for (int i = 0; i < 500 && text_of(files.out).empty(); ++i) ::usleep(10000);
+    ASSERT_EQ(text_of(files.out), "started\n");
     ASSERT_EQ(::kill(-shepherd, SIGTERM), 0);  // what the scheduler does on Ctrl-C / TERM
     ASSERT_EQ(wait_for_an_end(pool), shepherd);
     auto outcome = read_outcome(files.run);
@@ -511,7 +512,7 @@ TEST(ShepherdPool, TheSchedulerMayOpenAsManySocketsAsTheHardLimitAllowsAndJobsKe
   const AttemptFiles files = attempt_files(logs.str(), "job", 1);
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);
-  if (child == 0) {
+  if (child == 0) try {
     rlimit lowered = limit;
     lowered.rlim_cur = 256;
     if (::setrlimit(RLIMIT_NOFILE, &lowered) != 0) ::_exit(10);
@@ -534,6 +535,8 @@ TEST(ShepherdPool, TheSchedulerMayOpenAsManySocketsAsTheHardLimitAllowsAndJobsKe
     rlimit after{};
     ::getrlimit(RLIMIT_NOFILE, &after);
     ::_exit(after.rlim_cur == 256 ? 0 : 15);  // the pool put its own process's limit back too
+  } catch (...) {
+    ::_exit(99);
   }
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
@@ -542,12 +545,31 @@ TEST(ShepherdPool, TheSchedulerMayOpenAsManySocketsAsTheHardLimitAllowsAndJobsKe
   EXPECT_EQ(text_of(files.out), "256\n");
 }
 
+TEST(ShepherdPool, AnOrderWithANulCharacterIsRefusedAndTheShepherdStaysIdle) {
+  Folder logs("shepherd-nul");
+  AttemptFilePool files_pool(logs.str());
+  ShepherdPool pool;
+  const pid_t shepherd = pool.idle().value();
+  const AttemptFiles files = attempt_files(logs.str(), "job", 1);
+  auto opened = files_pool.open(files);
+  ASSERT_TRUE(opened);
+  FakeLease lease(logs / "lease");
+  ShepherdOrder order{{"/bin/echo", std::string("a\0b", 3)}, {}, "", lease.path, *opened, lease.fd};
+  auto handed = pool.hand(shepherd, order);
+  ASSERT_FALSE(handed);
+  EXPECT_EQ(handed.error().code, Errc::bad_input);
+  EXPECT_EQ(pool.idle().value(), shepherd);
+  EXPECT_EQ(pool.size(), 1u);
+  opened->close_all();
+  ::close(lease.fd);
+}
+
 TEST(ShepherdPool, ASchedulerRunWithoutStandardDescriptorsStillSendsEachStreamToItsLog) {
   Folder logs("shepherd-nostdio");
   const AttemptFiles files = attempt_files(logs.str(), "job", 1);
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);
-  if (child == 0) {
+  if (child == 0) try {
     // With 0, 1 and 2 closed, the shepherd is forked holding its pipe and socket there, and the
     // attempt's files are opened on what is left of them.
     for (int fd = 0; fd < 3; ++fd) ::close(fd);
@@ -562,6 +584,8 @@ TEST(ShepherdPool, ASchedulerRunWithoutStandardDescriptorsStillSendsEachStreamTo
     opened->close_all();
     ::close(lease.fd);
     ::_exit(wait_for_an_end(pool) == shepherd ? 0 : 12);
+  } catch (...) {
+    ::_exit(99);  // never unwind into the test runner from the forked child
   }
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
