@@ -468,14 +468,20 @@ TEST(ShepherdPool, AShepherdKilledMidAttemptLeavesNoOutcomeAndNoLock) {
   auto opened = files_pool.open(files);
   ASSERT_TRUE(opened);
   FakeLease lease(logs / "lease");
-  ShepherdOrder order{{"/bin/sleep", "5"}, {}, "", lease.path, *opened, lease.fd};
+  ShepherdOrder order{{"/bin/sh", "-c", "echo started; exec sleep 5"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
   ASSERT_TRUE(pool.hand(shepherd, order));
   opened->close_all();
   ::close(lease.fd);
-  for (int i = 0; i < 100 && jobs_internal::shepherd_pid(files.run) == 0; ++i) ::usleep(10000);
+  // Once the job runs (exec'd: the run file and the lease are close-on-exec, so only the
+  // shepherd holds them), the shepherd dies.
+  for (int i = 0; i < 500 && text_of(files.out).empty(); ++i) ::usleep(10000);
+  ASSERT_EQ(text_of(files.out), "started\n");
   ASSERT_EQ(::kill(shepherd, SIGKILL), 0);
   ASSERT_EQ(::waitpid(shepherd, nullptr, 0), shepherd);
-  ::kill(-shepherd, SIGKILL);  // its orphaned job
+  struct KillOrphanedJob {
+    pid_t group;
+    ~KillOrphanedJob() { ::kill(-group, SIGKILL); }
+  } cleanup{shepherd};
   EXPECT_TRUE(pool.forget(shepherd));
   EXPECT_FALSE(read_outcome(files.run)) << "no status: the scheduler requeues the attempt";
   EXPECT_FALSE(jobs_internal::attempt_alive(files.run));
