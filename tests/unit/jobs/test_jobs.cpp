@@ -347,7 +347,7 @@ TEST(ShepherdPool, OneShepherdRunsAttemptAfterAttemptAndReleasesEachLease) {
     auto opened = files_pool.open(files);
     ASSERT_TRUE(opened);
     FakeLease lease(leases / ("lease-" + std::to_string(attempt)));
-    ShepherdOrder order{{"/bin/sh", "-c", "sleep 0.2; echo out-$N; echo err >&2; pwd; exit 3"},
+    ShepherdOrder order{{"/bin/sh", "-c", "sleep 0.6; echo out-$N; echo err >&2; pwd; exit 3"},
                         {"N=" + std::to_string(attempt), "PATH=/usr/bin:/bin"},
                         "/",
                         lease.path,
@@ -393,7 +393,7 @@ TEST(ShepherdPool, AShepherdWhoseSchedulerIsGoneFinishesItsAttemptAndExits) {
     shepherd = pool.idle().value();
     auto opened = files_pool.open(files);
     ASSERT_TRUE(opened);
-    ShepherdOrder order{{"/bin/sh", "-c", "sleep 0.3; echo done"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
+    ShepherdOrder order{{"/bin/sh", "-c", "sleep 1; echo done"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
     ASSERT_TRUE(pool.hand(shepherd, order));
     opened->close_all();
     ::close(lease.fd);
