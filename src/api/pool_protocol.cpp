@@ -8,6 +8,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "common/fd_io.hpp"
+
 namespace gpuslot::pool_protocol {
 
 namespace {
@@ -15,39 +17,8 @@ namespace {
 constexpr std::size_t kHeaderBytes = 4 + 8 + 8 + 8;
 constexpr std::uint64_t kMaxPartBytes = 1ull << 40;  // a corrupt length must not become a huge allocation
 
-bool send_all(int fd, const char* data, std::size_t size) {
-  while (size > 0) {
-    const ssize_t n = ::send(fd, data, size, MSG_NOSIGNAL);
-    if (n > 0) {
-      data += n;
-      size -= std::size_t(n);
-      continue;
-    }
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      pollfd descriptor{fd, POLLOUT, 0};
-      ::poll(&descriptor, 1, 1000);
-      if ((descriptor.revents & (POLLERR | POLLHUP)) != 0) return false;
-      continue;
-    }
-    return false;
-  }
-  return true;
-}
-
-bool read_all(int fd, char* data, std::size_t size) {
-  while (size > 0) {
-    const ssize_t n = ::read(fd, data, size);
-    if (n > 0) {
-      data += n;
-      size -= std::size_t(n);
-      continue;
-    }
-    if (n < 0 && errno == EINTR) continue;
-    return false;
-  }
-  return true;
-}
+using fd_io::read_exactly;
+using fd_io::send_all;
 
 void put(char*& out, const void* value, std::size_t size) {
   std::memcpy(out, value, size);
@@ -86,7 +57,7 @@ bool write_frame(int fd, const Frame& frame) {
 
 std::optional<Frame> read_frame(int fd) {
   char raw[kHeaderBytes];
-  if (!read_all(fd, raw, sizeof raw)) return std::nullopt;
+  if (!read_exactly(fd, raw, sizeof raw)) return std::nullopt;
   const Header header = decode(raw);
   if (header.message_bytes > kMaxPartBytes || header.payload_bytes > kMaxPartBytes) return std::nullopt;
   Frame frame;
@@ -94,7 +65,7 @@ std::optional<Frame> read_frame(int fd) {
   frame.task = header.task;
   frame.message.resize(header.message_bytes);
   frame.payload.resize(header.payload_bytes);
-  if (!read_all(fd, frame.message.data(), frame.message.size()) || !read_all(fd, frame.payload.data(), frame.payload.size())) {
+  if (!read_exactly(fd, frame.message.data(), frame.message.size()) || !read_exactly(fd, frame.payload.data(), frame.payload.size())) {
     return std::nullopt;
   }
   return frame;

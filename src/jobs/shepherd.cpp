@@ -20,6 +20,8 @@
 #include <set>
 #include <sstream>
 
+#include "common/fd_io.hpp"
+
 namespace gpuslot::jobs_internal {
 
 namespace {
@@ -28,15 +30,7 @@ namespace {
 // scheduler ignores SIGIO, see AttemptFilePool::give_back).
 constexpr int kJobSignals[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGCHLD, SIGUSR1, SIGUSR2, SIGIO};
 
-void write_all(int fd, const std::string& text) {
-  std::size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return;
-    done += std::size_t(n);
-  }
-}
+void write_all(int fd, const std::string& text) { (void)fd_io::write_all(fd, text.data(), text.size()); }
 
 // Appends the status line ("exit N", "signal N", "error N MESSAGE") to the run file in one write.
 void write_status(int run_fd, const std::string& line) { write_all(run_fd, line + "\n"); }
@@ -52,44 +46,32 @@ void put(std::string& text, const std::string& field) {
   text += '\0';
 }
 
-bool read_exactly(int fd, char* data, std::size_t size) {
-  std::size_t done = 0;
-  while (done < size) {
-    const ssize_t n = ::read(fd, data + done, size - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    done += std::size_t(n);
+// The first part of an order on the wire: its length, with room for the descriptors beside it.
+struct LengthMessage {
+  std::uint64_t length = 0;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kOrderFds)] = {};
+  iovec part{&length, sizeof length};
+  msghdr message{};
+  LengthMessage() {
+    message.msg_iov = &part;
+    message.msg_iovlen = 1;
+    message.msg_control = control;
+    message.msg_controllen = sizeof control;
   }
-  return true;
-}
-
-bool send_all(int fd, const char* data, std::size_t size) {
-  std::size_t done = 0;
-  while (done < size) {
-    const ssize_t n = ::send(fd, data + done, size - done, MSG_NOSIGNAL);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    done += std::size_t(n);
-  }
-  return true;
-}
+  LengthMessage(const LengthMessage&) = delete;
+  LengthMessage& operator=(const LengthMessage&) = delete;
+};
 
 // nullopt when the scheduler closed the socket (or died), or the order is malformed.
 std::optional<ShepherdOrder> receive_order(int socket) {
-  std::uint64_t length = 0;
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kOrderFds)];
-  iovec part{&length, sizeof length};
-  msghdr message{};
-  message.msg_iov = &part;
-  message.msg_iovlen = 1;
-  message.msg_control = control;
-  message.msg_controllen = sizeof control;
+  LengthMessage first;
   ssize_t n = 0;
   do {
-    n = ::recvmsg(socket, &message, MSG_CMSG_CLOEXEC | MSG_WAITALL);
+    n = ::recvmsg(socket, &first.message, MSG_CMSG_CLOEXEC | MSG_WAITALL);
   } while (n < 0 && errno == EINTR);
+  const std::uint64_t length = first.length;
   std::vector<int> fds;
-  for (cmsghdr* header = CMSG_FIRSTHDR(&message); header != nullptr; header = CMSG_NXTHDR(&message, header)) {
+  for (cmsghdr* header = CMSG_FIRSTHDR(&first.message); header != nullptr; header = CMSG_NXTHDR(&first.message, header)) {
     if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
     const std::size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
     for (std::size_t i = 0; i < count; ++i) {
@@ -104,7 +86,7 @@ std::optional<ShepherdOrder> receive_order(int socket) {
   };
   if (n != ssize_t(sizeof length) || fds.size() != kOrderFds || length > kLongestOrder) return drop();
   std::string text(length, '\0');
-  if (!read_exactly(socket, text.data(), text.size())) return drop();
+  if (!fd_io::read_exactly(socket, text.data(), text.size())) return drop();
   std::vector<std::string> fields;
   for (std::size_t at = 0; at < text.size();) {
     const std::size_t end = text.find('\0', at);
@@ -365,25 +347,19 @@ Result<void> ShepherdPool::hand(pid_t shepherd, const ShepherdOrder& order) {
     return make_error(Errc::bad_input, "a job's command and environment are " + std::to_string(text.size() >> 20) +
                                            " MiB; at most " + std::to_string(kLongestOrder >> 20) + " MiB");
   }
-  std::uint64_t length = text.size();
+  LengthMessage first;
+  first.length = text.size();
   const int fds[kOrderFds] = {order.files.run, order.files.out, order.files.err, order.lease_fd};
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof fds)] = {};
-  iovec part{&length, sizeof length};
-  msghdr message{};
-  message.msg_iov = &part;
-  message.msg_iovlen = 1;
-  message.msg_control = control;
-  message.msg_controllen = sizeof control;
-  cmsghdr* header = CMSG_FIRSTHDR(&message);
+  cmsghdr* header = CMSG_FIRSTHDR(&first.message);
   header->cmsg_level = SOL_SOCKET;
   header->cmsg_type = SCM_RIGHTS;
   header->cmsg_len = CMSG_LEN(sizeof fds);
   std::memcpy(CMSG_DATA(header), fds, sizeof fds);
   ssize_t n = 0;
   do {
-    n = ::sendmsg(member->socket, &message, MSG_NOSIGNAL);
+    n = ::sendmsg(member->socket, &first.message, MSG_NOSIGNAL);
   } while (n < 0 && errno == EINTR);
-  if (n != ssize_t(sizeof length) || !send_all(member->socket, text.data(), text.size())) {
+  if (n != ssize_t(sizeof first.length) || !fd_io::send_all(member->socket, text.data(), text.size())) {
     // EPIPE, ECONNRESET: it died before taking the order (nothing_fits: try another).
     const int error = errno;
     return make_error(error == EPIPE || error == ECONNRESET ? Errc::nothing_fits : Errc::state,

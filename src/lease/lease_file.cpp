@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "common/fd_io.hpp"
 #include "lease/internal.hpp"
 
 namespace gpuslot {
@@ -454,19 +455,7 @@ PreparedLeaseInode::~PreparedLeaseInode() {
 
 namespace {
 
-bool write_text(int fd, const std::string& text) {
-  std::size_t written = 0;
-  while (written < text.size()) {
-    const ssize_t n = ::write(fd, text.data() + written, text.size() - written);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      if (n == 0) errno = ENOSPC;
-      return false;
-    }
-    written += std::size_t(n);
-  }
-  return true;
-}
+bool write_text(int fd, const std::string& text) { return fd_io::write_all(fd, text.data(), text.size()); }
 
 // Fills and names a prepared inode (`spare`: its path as a spare, "" for an O_TMPFILE file). -1
 // (and the fd closed) when it cannot be named here; the caller then takes the ordinary path,

@@ -287,6 +287,14 @@ TEST(AttemptFilePool, ARestartedSchedulerAdoptsTheSparesAndNeverUsesAForeignOrLi
   opened->close_all();
 }
 
+bool locked_by_anyone(const std::string& path) {
+  const int probe = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (probe < 0) return false;
+  const bool locked = ::flock(probe, LOCK_EX | LOCK_NB) != 0;
+  ::close(probe);
+  return locked;
+}
+
 // A lease stand-in: a locked file the shepherd must release (rename to a spare) at the end.
 struct FakeLease {
   std::string path;
@@ -295,14 +303,21 @@ struct FakeLease {
     fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     EXPECT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
   }
-  bool locked_elsewhere() const {
-    const int probe = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (probe < 0) return false;
-    const bool locked = ::flock(probe, LOCK_SH | LOCK_NB) != 0;
-    ::close(probe);
-    return locked;
-  }
 };
+
+// Opens attempt `files`, hands `argv` to `shepherd` with a new lease at `lease_path`, then closes
+// this process's copies, as the scheduler does. Call under ASSERT_NO_FATAL_FAILURE.
+void hand_attempt(ShepherdPool& pool, pid_t shepherd, AttemptFilePool& files_pool, const AttemptFiles& files,
+                  const std::string& lease_path, std::vector<std::string> argv) {
+  auto opened = files_pool.open(files);
+  ASSERT_TRUE(opened) << opened.error().message;
+  FakeLease lease(lease_path);
+  ShepherdOrder order{std::move(argv), {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
+  auto handed = pool.hand(shepherd, order);
+  opened->close_all();
+  ::close(lease.fd);
+  ASSERT_TRUE(handed) << handed.error().message;
+}
 
 pid_t wait_for_an_end(ShepherdPool& pool) {
   for (int i = 0; i < 200; ++i) {
@@ -320,14 +335,6 @@ std::string released_spare(const Folder& folder) {
     if (name.rfind(".spare-" + std::to_string(::geteuid()) + "-", 0) == 0) return folder / name;
   }
   return "";
-}
-
-bool locked_by_anyone(const std::string& path) {
-  const int probe = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (probe < 0) return false;
-  const bool locked = ::flock(probe, LOCK_EX | LOCK_NB) != 0;
-  ::close(probe);
-  return locked;
 }
 
 TEST(ShepherdPool, OneShepherdRunsAttemptAfterAttemptAndReleasesEachLease) {
@@ -386,20 +393,15 @@ TEST(ShepherdPool, AShepherdWhoseSchedulerIsGoneFinishesItsAttemptAndExits) {
   Folder logs("shepherd-orphan");
   AttemptFilePool files_pool(logs.str());
   const AttemptFiles files = attempt_files(logs.str(), "slow", 1);
-  FakeLease lease(logs / "lease");
+  const std::string lease_path = logs / "lease";
   pid_t shepherd = 0;
   {
     ShepherdPool pool;
     shepherd = pool.idle().value();
-    auto opened = files_pool.open(files);
-    ASSERT_TRUE(opened);
-    ShepherdOrder order{{"/bin/sh", "-c", "sleep 1; echo done"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
-    ASSERT_TRUE(pool.hand(shepherd, order));
-    opened->close_all();
-    ::close(lease.fd);
+    ASSERT_NO_FATAL_FAILURE(hand_attempt(pool, shepherd, files_pool, files, lease_path, {"/bin/sh", "-c", "sleep 1; echo done"}));
   }  // the pool (the scheduler's end) is gone while the attempt runs
   EXPECT_TRUE(jobs_internal::attempt_alive(files.run));
-  EXPECT_TRUE(lease.locked_elsewhere());
+  EXPECT_TRUE(locked_by_anyone(lease_path));
   int status = 0;
   ASSERT_EQ(::waitpid(shepherd, &status, 0), shepherd);
   EXPECT_TRUE(WIFEXITED(status));
@@ -408,7 +410,7 @@ TEST(ShepherdPool, AShepherdWhoseSchedulerIsGoneFinishesItsAttemptAndExits) {
   ASSERT_TRUE(outcome);
   EXPECT_EQ(outcome->exit_code, 0);
   EXPECT_EQ(text_of(files.out), "done\n");
-  EXPECT_FALSE(std::filesystem::exists(lease.path));
+  EXPECT_FALSE(std::filesystem::exists(lease_path));
 }
 
 TEST(ShepherdPool, AJobThatCannotStartIsRecordedAndTheShepherdCarriesOn) {
@@ -417,13 +419,7 @@ TEST(ShepherdPool, AJobThatCannotStartIsRecordedAndTheShepherdCarriesOn) {
   ShepherdPool pool;
   const pid_t shepherd = pool.idle().value();
   const AttemptFiles files = attempt_files(logs.str(), "missing", 1);
-  auto opened = files_pool.open(files);
-  ASSERT_TRUE(opened);
-  FakeLease lease(logs / "lease");
-  ShepherdOrder order{{"no-such-program-gpuslot"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
-  ASSERT_TRUE(pool.hand(shepherd, order));
-  opened->close_all();
-  ::close(lease.fd);
+  ASSERT_NO_FATAL_FAILURE(hand_attempt(pool, shepherd, files_pool, files, logs / "lease", {"no-such-program-gpuslot"}));
   ASSERT_EQ(wait_for_an_end(pool), shepherd);
   auto outcome = read_outcome(files.run);
   ASSERT_TRUE(outcome);
@@ -440,13 +436,8 @@ TEST(ShepherdPool, ASignalToTheGroupReachesTheCurrentJobAndTheShepherdSurvivesIt
   const pid_t shepherd = pool.idle().value();
   for (int attempt = 1; attempt <= 2; ++attempt) {
     const AttemptFiles files = attempt_files(logs.str(), "job", unsigned(attempt));
-    auto opened = files_pool.open(files);
-    ASSERT_TRUE(opened);
-    FakeLease lease(logs / ("lease-" + std::to_string(attempt)));
-    ShepherdOrder order{{"/bin/sh", "-c", "echo started; exec sleep 5"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
-    ASSERT_TRUE(pool.hand(shepherd, order));
-    opened->close_all();
-    ::close(lease.fd);
+    ASSERT_NO_FATAL_FAILURE(hand_attempt(pool, shepherd, files_pool, files, logs / ("lease-" + std::to_string(attempt)),
+                                         {"/bin/sh", "-c", "echo started; exec sleep 5"}));
     for (int i = 0; i < 500 && text_of(files.out).empty(); ++i) ::usleep(10000);
     ASSERT_EQ(text_of(files.out), "started\n");
     ASSERT_EQ(::kill(-shepherd, SIGTERM), 0);  // what the scheduler does on Ctrl-C / TERM
@@ -465,13 +456,8 @@ TEST(ShepherdPool, AShepherdKilledMidAttemptLeavesNoOutcomeAndNoLock) {
   ShepherdPool pool;
   const pid_t shepherd = pool.idle().value();
   const AttemptFiles files = attempt_files(logs.str(), "job", 1);
-  auto opened = files_pool.open(files);
-  ASSERT_TRUE(opened);
-  FakeLease lease(logs / "lease");
-  ShepherdOrder order{{"/bin/sh", "-c", "echo started; exec sleep 5"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
-  ASSERT_TRUE(pool.hand(shepherd, order));
-  opened->close_all();
-  ::close(lease.fd);
+  const std::string lease_path = logs / "lease";
+  ASSERT_NO_FATAL_FAILURE(hand_attempt(pool, shepherd, files_pool, files, lease_path, {"/bin/sh", "-c", "echo started; exec sleep 5"}));
   // Once the job runs (exec'd: the run file and the lease are close-on-exec, so only the
   // shepherd holds them), the shepherd dies.
   for (int i = 0; i < 500 && text_of(files.out).empty(); ++i) ::usleep(10000);
@@ -485,8 +471,8 @@ TEST(ShepherdPool, AShepherdKilledMidAttemptLeavesNoOutcomeAndNoLock) {
   EXPECT_TRUE(pool.forget(shepherd));
   EXPECT_FALSE(read_outcome(files.run)) << "no status: the scheduler requeues the attempt";
   EXPECT_FALSE(jobs_internal::attempt_alive(files.run));
-  EXPECT_TRUE(std::filesystem::exists(lease.path));
-  EXPECT_FALSE(lease.locked_elsewhere()) << "the kernel dropped the dead holder's lock: the lease is gone";
+  EXPECT_TRUE(std::filesystem::exists(lease_path));
+  EXPECT_FALSE(locked_by_anyone(lease_path)) << "the kernel dropped the dead holder's lock: the lease is gone";
 }
 
 TEST(ShepherdPool, HandingToADeadShepherdFailsAndItIsForgotten) {
