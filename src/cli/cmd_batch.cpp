@@ -247,7 +247,7 @@ void run_status(const BatchCliOptions& options) {
   if (options.json) {
     nlohmann::json list = nlohmann::json::array();
     for (const auto& job : jobs) list.push_back(job_json(job, logs_dir));
-    std::printf("%s\n", nlohmann::json{{"journal", options.status_journal}, {"logs", logs_dir}, {"jobs", list}}.dump(2).c_str());
+    std::printf("%s\n", nlohmann::json{{"journal", options.status_journal}, {"logs", logs_dir}, {"jobs", list}}.dump(2, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     return;
   }
   std::size_t counts[4] = {};
@@ -398,7 +398,7 @@ void run_batch_command(Context& context, const BatchCliOptions& options) {
                                        {"failed", failed},
                                        {"not_run", queued},
                                        {"jobs", list}}
-                            .dump(2)
+                            .dump(2, ' ', false, nlohmann::json::error_handler_t::replace)
                             .c_str());
   } else {
     const bool brief = result->jobs.size() > kSummaryRows;

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "common/utf8.hpp"
 #include "gpuslot/jobs.hpp"
 #include "gpuslot/units.hpp"
 
@@ -233,6 +234,9 @@ Result<std::vector<JobSpec>> parse_jobs(std::string_view text, const JobDefaults
     const std::string_view content = trim(raw);
     if (content.empty() || content.front() == '#') continue;
     if (raw.find('\0') != std::string_view::npos) return at_line(line, "contains a NUL byte; a jobs file is text");
+    if (const std::size_t bad = utf8::first_invalid(raw); bad != std::string_view::npos) {
+      return at_line(line, "byte " + std::to_string(bad + 1) + " is not valid UTF-8; a jobs file is UTF-8 text");
+    }
     if (!json_lines) json_lines = content.front() == '{';
     JobSpec job;
     if (*json_lines) {

@@ -87,7 +87,7 @@ class PreparedLeaseInode {
   explicit PreparedLeaseInode(const std::string& directory, const std::vector<std::string>& spares = {},
                               bool or_tmpfile = true, const std::vector<ino_t>& excluded = {});
   PreparedLeaseInode(PreparedLeaseInode&& other) noexcept
-      : fd_(std::exchange(other.fd_, -1)), spare_(std::move(other.spare_)) {}
+      : fd_(std::exchange(other.fd_, -1)), spare_(std::move(other.spare_)), spare_size_(other.spare_size_) {}
   PreparedLeaseInode& operator=(PreparedLeaseInode&& other) noexcept;
   PreparedLeaseInode(const PreparedLeaseInode&) = delete;
   PreparedLeaseInode& operator=(const PreparedLeaseInode&) = delete;
@@ -98,10 +98,14 @@ class PreparedLeaseInode {
   }
   bool empty() const { return fd_ < 0; }
   bool is_spare() const { return fd_ >= 0 && !spare_.empty(); }
+  // A spare's size when claimed (its old text's): write_lease_file pads a shorter text to it with
+  // spaces rather than truncating the file under the host lock.
+  std::size_t spare_size() const { return spare_size_; }
 
  private:
   int fd_ = -1;
   std::string spare_;
+  std::size_t spare_size_ = 0;
 };
 
 // The prefix of `uid`'s spares' names, and a fresh name for one. Anyone can create a file of such

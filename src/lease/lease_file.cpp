@@ -19,6 +19,7 @@
 #include <random>
 
 #include "common/fd_io.hpp"
+#include "common/utf8.hpp"
 #include "lease/internal.hpp"
 
 namespace gpuslot {
@@ -129,23 +130,100 @@ bool is_named_for(std::string_view name, std::string_view id) {
   return charge && charge->id == id;
 }
 
+namespace {
+
+// Appends `text` as a JSON string: `"`, `\` and control characters escaped as nlohmann's dump
+// escapes them, valid UTF-8 kept as it is, and each invalid byte sequence (a command line is
+// whatever bytes its argv held) replaced by U+FFFD, so a lease is always valid JSON.
+void append_json_string(std::string& out, std::string_view text) {
+  out += '"';
+  const auto* bytes = reinterpret_cast<const unsigned char*>(text.data());
+  const std::size_t size = text.size();
+  for (std::size_t i = 0; i < size;) {
+    const unsigned char byte = bytes[i];
+    if (byte < 0x80) {
+      switch (byte) {
+        case '"': out += "\\\""; break;
+        case '\\': out += "\\\\"; break;
+        case '\b': out += "\\b"; break;
+        case '\f': out += "\\f"; break;
+        case '\n': out += "\\n"; break;
+        case '\r': out += "\\r"; break;
+        case '\t': out += "\\t"; break;
+        default:
+          if (byte < 0x20) {
+            char escaped[8];
+            std::snprintf(escaped, sizeof escaped, "\\u%04x", unsigned(byte));
+            out += escaped;
+          } else {
+            out += char(byte);
+          }
+      }
+      ++i;
+      continue;
+    }
+    std::size_t invalid = 1;
+    if (const std::size_t length = utf8::sequence_length(text.substr(i), &invalid); length > 0) {
+      out.append(text.data() + i, length);
+      i += length;
+    } else {
+      out += "\xef\xbf\xbd";  // U+FFFD for the longest ill-formed start, then on after it
+      i += invalid;
+    }
+  }
+  out += '"';
+}
+
+template <class Integer>
+void append_json_field(std::string& out, std::string_view key, Integer value) {
+  out += '"';
+  out += key;
+  out += "\":";
+  out += std::to_string(value);
+}
+
+}  // namespace
+
 std::string to_json_text(const LeaseRecord& record) {
-  nlohmann::json json = {
-      {"format", 1},
-      {"id", record.id},
-      {"holder_pid", record.holder_pid},
-      {"holder_start_ticks", record.holder_start_ticks},
-      {"uid", record.uid},
-      {"user", record.user},
-      {"gpu_uuids", record.gpu_uuids},
-      {"nvml_indices", record.nvml_indices},
-      {"reserved_bytes", record.reserved_bytes},
-      {"command", record.command},
-      {"taken_at_ms", record.taken_at_ms},
-      {"expires_at_ms", record.expires_at_ms ? nlohmann::json(*record.expires_at_ms) : nlohmann::json(nullptr)},
-      {"holder_session", record.holder_session},
-  };
-  return json.dump() + "\n";
+  // The compact form nlohmann's dump gives (keys sorted, no spaces), written by hand: this runs
+  // under the host lock on every launch. tests/unit/lease checks it byte for byte against
+  // nlohmann for valid text.
+  std::string out;
+  out.reserve(320 + record.command.size() + 48 * record.gpu_uuids.size());
+  out += "{\"command\":";
+  append_json_string(out, record.command);
+  out += ",\"expires_at_ms\":";
+  out += record.expires_at_ms ? std::to_string(*record.expires_at_ms) : std::string("null");
+  out += ',';
+  append_json_field(out, "format", 1);
+  out += ",\"gpu_uuids\":[";
+  for (std::size_t i = 0; i < record.gpu_uuids.size(); ++i) {
+    if (i > 0) out += ',';
+    append_json_string(out, record.gpu_uuids[i]);
+  }
+  out += "],";
+  append_json_field(out, "holder_pid", record.holder_pid);
+  out += ',';
+  append_json_field(out, "holder_session", record.holder_session);
+  out += ',';
+  append_json_field(out, "holder_start_ticks", record.holder_start_ticks);
+  out += ",\"id\":";
+  append_json_string(out, record.id);
+  out += ",\"nvml_indices\":[";
+  for (std::size_t i = 0; i < record.nvml_indices.size(); ++i) {
+    if (i > 0) out += ',';
+    out += std::to_string(record.nvml_indices[i]);
+  }
+  out += "],";
+  append_json_field(out, "reserved_bytes", record.reserved_bytes);
+  out += ',';
+  append_json_field(out, "taken_at_ms", record.taken_at_ms);
+  out += ',';
+  append_json_field(out, "uid", record.uid);
+  out += ",\"user\":";
+  append_json_string(out, record.user);
+  out += "}\n";
+  return out;
 }
 
 namespace {
@@ -383,7 +461,7 @@ namespace {
 // unlocked it (a `pick --hold` lease is published unlocked) between our open and our lock. Not
 // one of `excluded` (a lease's own former inodes, see HeldLease::reassign). Then 0644. -1 if any
 // of that fails.
-int claim_spare(int directory_fd, const std::string& name, const std::vector<ino_t>& excluded) {
+int claim_spare(int directory_fd, const std::string& name, const std::vector<ino_t>& excluded, std::size_t& size) {
   const int fd = ::openat(directory_fd, name.c_str(), O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) return -1;
   struct CloseUnlessKept {
@@ -406,6 +484,7 @@ int claim_spare(int directory_fd, const std::string& name, const std::vector<ino
   text.resize(n > 0 ? std::size_t(n) : 0);
   const auto record = from_json_text(text);
   if (!record || record->uid != ::geteuid() || ((info.st_mode & 07777) != 0644 && ::fchmod(fd, 0644) != 0)) return -1;
+  size = std::size_t(info.st_size);
   file.fd = -1;
   return fd;
 }
@@ -421,7 +500,7 @@ PreparedLeaseInode::PreparedLeaseInode(const std::string& directory, const std::
     const int directory_fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     for (std::size_t i = 0; directory_fd >= 0 && i < spares.size() && i < 8; ++i) {
       const std::string& name = spares[(random + i) % spares.size()];
-      fd_ = claim_spare(directory_fd, name, excluded);
+      fd_ = claim_spare(directory_fd, name, excluded, spare_size_);
       if (fd_ >= 0) {
         spare_ = directory + "/" + name;
         break;
@@ -445,6 +524,7 @@ PreparedLeaseInode& PreparedLeaseInode::operator=(PreparedLeaseInode&& other) no
     if (fd_ >= 0) ::close(fd_);
     fd_ = std::exchange(other.fd_, -1);
     spare_ = std::move(other.spare_);
+    spare_size_ = other.spare_size_;
   }
   return *this;
 }
@@ -457,15 +537,18 @@ namespace {
 
 bool write_text(int fd, const std::string& text) { return fd_io::write_all(fd, text.data(), text.size()); }
 
-// Fills and names a prepared inode (`spare`: its path as a spare, "" for an O_TMPFILE file). -1
-// (and the fd closed) when it cannot be named here; the caller then takes the ordinary path,
-// which reports any real failure.
-int publish_prepared(int fd, const std::string& spare, const std::string& final_path, const std::string& text,
-                     bool lock_it, bool replace) {
-  // Already 0644 and locked (PreparedLeaseInode). A spare keeps its old text until now:
-  // overwritten, then cut to length (emptying it first would free its block, which costs a
-  // discard on some file systems, only to allocate one again).
-  if (!write_text(fd, text) || (!spare.empty() && ::ftruncate(fd, off_t(text.size())) != 0)) {
+// Fills and names a prepared inode (`spare`: its path as a spare, "" for an O_TMPFILE file;
+// `spare_size`: the spare's size). -1 (and the fd closed) when it cannot be named here; the caller
+// then takes the ordinary path, which reports any real failure.
+int publish_prepared(int fd, const std::string& spare, std::size_t spare_size, const std::string& final_path,
+                     std::string text, bool lock_it, bool replace) {
+  // Already 0644 and locked (PreparedLeaseInode). A spare keeps its old text until now: it is
+  // overwritten, and a shorter text is padded with spaces to the old length (JSON allows them
+  // after the object) instead of cutting the file: ftruncate was a tenth of a launch's time
+  // under the host lock, and emptying a file frees its block, which costs a discard on some file
+  // systems, only to allocate one again.
+  if (!spare.empty() && text.size() < spare_size) text.insert(text.size() - 1, spare_size - text.size(), ' ');
+  if (!write_text(fd, text)) {
     ::close(fd);
     return -1;
   }
@@ -499,8 +582,9 @@ Result<int> write_lease_file(const std::string& directory, const LeaseRecord& re
   const std::string final_path = directory + "/" + lease_file_name(record);
   const std::string text = to_json_text(record);
   if (prepared != nullptr && !prepared->empty()) {
+    const std::size_t spare_size = prepared->spare_size();
     const auto [prepared_fd, spare] = prepared->take();
-    const int fd = publish_prepared(prepared_fd, spare, final_path, text, lock_it, replace);
+    const int fd = publish_prepared(prepared_fd, spare, spare_size, final_path, text, lock_it, replace);
     if (fd >= 0) return fd;
   }
   const std::string temp_path = directory + "/.lease-" + record.id + ".tmp";

@@ -51,6 +51,18 @@ def test_child_gets_index_env_uuids_and_lease_id(gpuslot, gpuslot_path, host, tm
     assert leases(gpuslot, host_path) == []  # released once the child is reaped
 
 
+def test_a_command_line_that_is_not_utf8_runs_as_given(gpuslot, gpuslot_path, host, tmp_path):
+    # argv is bytes; the lease (JSON) shows U+FFFD, the child gets the bytes unchanged.
+    host_path = host("4x24g")
+    out = tmp_path / "arg.bin"
+    seen_leases = tmp_path / "leases.json"
+    gpuslot("run", "--mem", "1G", "--", "sh", "-c", 'printf %s "$1" > "$OUT"; "$GS" leases --json > "$SEEN"',
+            "sh", "a\udcffb", host=host_path, env={"OUT": out, "GS": gpuslot_path, "SEEN": seen_leases}, check=0)
+    assert out.read_bytes() == b"a\xffb"
+    during = json.loads(seen_leases.read_text(encoding="utf-8"))["leases"]
+    assert len(during) == 1 and during[0]["command"].endswith("sh a\ufffdb")
+
+
 def test_export_uuid_and_several_gpus(gpuslot, host, tmp_path):
     host_path = host("4x24g")
     out = tmp_path / "env.txt"

@@ -91,6 +91,8 @@ TEST(JobsFile, RejectsWithTheLine) {
       {"{\"cmd\": [\"echo\", \"a\\u0000b\"]}\n", "line 1: a string holds a NUL character"},
       {"{\"cmd\": \"x\", \"env\": {\"A\": \"\\u0000\"}}\n", "line 1: a string holds a NUL character"},
       {"{\"cmd\": \"x\"}\n{\"cmd\": \"x\", \"cwd\": \"/tmp\\u0000x\"}\n", "line 2: a string holds a NUL character"},
+      {"echo ok\necho \xff\n", "line 2: byte 6 is not valid UTF-8"},
+      {"echo \xe2\x82\n", "line 1: byte 6 is not valid UTF-8"},
   };
   for (const auto& c : cases) {
     auto jobs = parse_jobs(c.text, JobDefaults{});

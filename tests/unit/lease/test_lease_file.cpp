@@ -127,6 +127,59 @@ TEST(LeaseJson, RejectsWhatIsNotALease) {
   }
 }
 
+// What to_json_text wrote before it was written by hand: nlohmann's compact dump.
+std::string dump_with_nlohmann(const LeaseRecord& record) {
+  const nlohmann::json json = {
+      {"format", 1}, {"id", record.id}, {"holder_pid", record.holder_pid},
+      {"holder_start_ticks", record.holder_start_ticks}, {"uid", record.uid}, {"user", record.user},
+      {"gpu_uuids", record.gpu_uuids}, {"nvml_indices", record.nvml_indices},
+      {"reserved_bytes", record.reserved_bytes}, {"command", record.command}, {"taken_at_ms", record.taken_at_ms},
+      {"expires_at_ms", record.expires_at_ms ? nlohmann::json(*record.expires_at_ms) : nlohmann::json(nullptr)},
+      {"holder_session", record.holder_session}};
+  return json.dump() + "\n";
+}
+
+TEST(LeaseJson, WritesWhatNlohmannWritesByteForByte) {
+  std::vector<std::string> commands = {"", "plain", "quote \" backslash \\ slash /", "\u00e9\u4e2d\U0001f600",
+                                       "tab\tnewline\ncr\rbs\bff\f", std::string("nul\0in", 6), "del\x7f"};
+  for (int byte = 1; byte < 0x20; ++byte) commands.push_back("c" + std::string(1, char(byte)) + "c");
+  for (const LeaseRecord& base : {sample_record(), plain_record()}) {
+    for (const std::string& command : commands) {
+      LeaseRecord record = base;
+      record.command = command;
+      record.user = "user\"" + std::to_string(command.size());
+      EXPECT_EQ(to_json_text(record), dump_with_nlohmann(record)) << command;
+      record.expires_at_ms.reset();
+      record.holder_pid = -7;
+      record.nvml_indices.clear();
+      EXPECT_EQ(to_json_text(record), dump_with_nlohmann(record)) << command;
+    }
+  }
+}
+
+TEST(LeaseJson, InvalidUtf8InACommandIsReplacedNotFatal) {
+  // A command line is whatever bytes argv held; the lease must still be written and read.
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"\xff\xfe", "\ufffd\ufffd"},
+      {"a\xc3", "a\ufffd"},                    // cut short at the end
+      {"\xc3(b", "\ufffd(b"},                   // a continuation byte missing
+      {"\xe2\x82x", "\ufffdx"},               // the longest invalid start is one replacement
+      {"\xc0\xaf", "\ufffd\ufffd"},          // overlong
+      {"\xed\xa0\x80", "\ufffd\ufffd\ufffd"},  // a surrogate
+      {"\xf4\x90\x80\x80", "\ufffd\ufffd\ufffd\ufffd"},  // past U+10FFFF
+      {"ok \xe2\x82\xac", "ok \u20ac"},      // valid is kept
+  };
+  for (const auto& [command, expected] : cases) {
+    LeaseRecord record = plain_record();
+    record.command = command;
+    const std::string text = to_json_text(record);
+    auto read = from_json_text(text);
+    ASSERT_TRUE(read.ok()) << read.error().message;
+    EXPECT_EQ(read->command, expected);
+    EXPECT_EQ(nlohmann::json::parse(text).at("command").get<std::string>(), expected);
+  }
+}
+
 TEST(LeaseJson, SkipsUnknownKeys) {
   nlohmann::json json = nlohmann::json::parse(to_json_text(sample_record()));
   json["future"] = {{"nested", {1, 2, {{"deeper", nullptr}}}}, {"flag", true}};
@@ -483,7 +536,9 @@ std::vector<std::string> spares_in(const std::filesystem::path& directory) {
 
 TEST_F(LedgerTest, AReleasedLeasesInodeBecomesASpareAndThenTheNextLeasesFile) {
   Ledger ledger(directory_.string());
-  auto first = reserve(ledger, 2 * kGiB, one_gpu());
+  ReserveRequest long_command = request_of(2 * kGiB);
+  long_command.command = "python3 train.py " + std::string(300, 'x');
+  auto first = reserve(ledger, long_command, one_gpu());
   ASSERT_TRUE(first.ok() && first->lease);
   const ino_t inode = inode_of(first->lease->record().path);
   first->lease->release();
@@ -502,9 +557,20 @@ TEST_F(LedgerTest, AReleasedLeasesInodeBecomesASpareAndThenTheNextLeasesFile) {
   struct stat info {};
   ASSERT_EQ(::stat(path.c_str(), &info), 0);
   EXPECT_EQ(info.st_mode & 07777, 0644u);
-  EXPECT_EQ(std::size_t(info.st_size), text_of(path).size());
-  auto read = lease_internal::from_json_text(text_of(path));
-  ASSERT_TRUE(read.ok()) << read.error().message << ": the old, longer text is overwritten and cut";
+  const std::string text = text_of(path);
+  const std::string written = lease_internal::to_json_text(second->lease->record());
+  ASSERT_LT(written.size(), text.size());
+  EXPECT_EQ(text.size(), std::size_t(info.st_size));
+  EXPECT_EQ(text.substr(0, written.size() - 1), written.substr(0, written.size() - 1))
+      << "the old, longer text is overwritten";
+  EXPECT_EQ(text.find_first_not_of(' ', written.size() - 1), text.size() - 1)
+      << "and padded with spaces to its length, not cut (no ftruncate under the host lock)";
+  EXPECT_EQ(text.back(), '\n');
+  const auto fast = lease_internal::read_canonical_lease(text);
+  ASSERT_TRUE(fast.has_value()) << "padding keeps the fast path";
+  EXPECT_EQ(fast->id, second->lease->record().id);
+  auto read = lease_internal::from_json_text(text);
+  ASSERT_TRUE(read.ok()) << read.error().message;
   EXPECT_EQ(read->id, second->lease->record().id);
   EXPECT_EQ(read->reserved_bytes, 3 * kGiB);
   const int reader = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
