@@ -280,7 +280,9 @@ std::string job_to_json(const JobSpec& job) {
   }
   if (!job.cwd.empty()) object["cwd"] = job.cwd;
   if (job.exclusive) object["exclusive"] = true;
-  return object.dump();
+  // parse_jobs refuses text that is not UTF-8; a JobSpec built by a library caller may still hold
+  // such bytes: U+FFFD in the journal's copy rather than an exception.
+  return object.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
 Result<JobSpec> job_from_json(std::string_view text, unsigned line) {

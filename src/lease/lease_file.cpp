@@ -547,8 +547,12 @@ int publish_prepared(int fd, const std::string& spare, std::size_t spare_size, c
   // after the object) instead of cutting the file: ftruncate was a tenth of a launch's time
   // under the host lock, and emptying a file frees its block, which costs a discard on some file
   // systems, only to allocate one again.
-  if (!spare.empty() && text.size() < spare_size) text.insert(text.size() - 1, spare_size - text.size(), ' ');
-  if (!write_text(fd, text)) {
+  // Padding only up to kMostPadding: a spare that once held a very long command is cut once, so
+  // that spares do not keep the size of the longest lease they ever held.
+  constexpr std::size_t kMostPadding = 1024;
+  const bool pad = !spare.empty() && text.size() < spare_size && spare_size - text.size() <= kMostPadding;
+  if (pad) text.insert(text.size() - 1, spare_size - text.size(), ' ');
+  if (!write_text(fd, text) || (!spare.empty() && !pad && text.size() < spare_size && ::ftruncate(fd, off_t(text.size())) != 0)) {
     ::close(fd);
     return -1;
   }

@@ -159,7 +159,11 @@ LeaseRecord holder_identity(const ReserveRequest& request) {
   record.uid = ::geteuid();
   record.user = user_name_of(record.uid);
   record.reserved_bytes = request.requirements.memory_bytes;
-  record.command = request.command;
+  // Shown in `gpuslot leases`; bounded so that a lease text stays far below the size readers
+  // accept (a JSON escape is up to 6 bytes per byte).
+  constexpr std::size_t kLongestCommand = 4096;
+  record.command = request.command.size() <= kLongestCommand ? request.command
+                                                             : request.command.substr(0, kLongestCommand) + "...";
   if (request.hold) record.holder_session = request.owner_session;
   return record;
 }

@@ -580,6 +580,28 @@ TEST_F(LedgerTest, AReleasedLeasesInodeBecomesASpareAndThenTheNextLeasesFile) {
   ASSERT_EQ(ledger.live_leases().size(), 1u);
 }
 
+TEST_F(LedgerTest, ASpareFarLongerThanTheNewTextIsCutNotPaddedAndCommandsAreBounded) {
+  Ledger ledger(directory_.string());
+  ReserveRequest huge = request_of(2 * kGiB);
+  huge.command = std::string(10000, '\x01');  // 6 bytes each once escaped
+  auto first = reserve(ledger, huge, one_gpu());
+  ASSERT_TRUE(first.ok() && first->lease);
+  EXPECT_EQ(first->lease->record().command, std::string(4096, '\x01') + "...") << "bounded";
+  const std::string first_text = text_of(first->lease->record().path);
+  EXPECT_GT(first_text.size(), 4096u * 6);
+  EXPECT_LT(first_text.size(), 65536u) << "far below what readers accept";
+  ASSERT_EQ(ledger.live_leases().size(), 1u);
+  const ino_t inode = inode_of(first->lease->record().path);
+  first->lease->release();
+
+  auto second = reserve(ledger, 3 * kGiB, one_gpu());
+  ASSERT_TRUE(second.ok() && second->lease);
+  const std::string path = second->lease->record().path;
+  EXPECT_EQ(inode_of(path), inode) << "the spare was used";
+  EXPECT_EQ(text_of(path), lease_internal::to_json_text(second->lease->record()))
+      << "a spare much longer than the new text is cut, not padded by kilobytes";
+}
+
 TEST_F(LedgerTest, ASpareIsNeverTakenWhenLinkedElsewhereASymlinkOrClaimed) {
   const std::string directory = directory_.string();
   const std::string prefix = lease_internal::spare_prefix(::geteuid());
