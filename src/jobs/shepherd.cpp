@@ -200,11 +200,20 @@ void close_all_but(int keep_a, int keep_b) {
   // Nothing of the scheduler's may stay open here (its journal, lock, signalfd, another
   // shepherd's socket, an attempt's files): each would outlive the scheduler with this process.
   close_all_but(socket, ended_write);
+  // 0, 1 and 2 become /dev/null (but for this shepherd's own socket or pipe, if they are there):
+  // a scheduler started without them has its own objects there — its end of this very socket,
+  // the read end of the pipe — and a shepherd keeping those would never see its socket close.
+  // They stay taken, so an attempt's files arrive as 3 and up and the job's dup2 onto 1 and 2
+  // cannot clobber one another.
+  const int null_fd = ::open("/dev/null", O_RDWR);
   for (int fd = 0; fd < 3; ++fd) {
-    // 0, 1 and 2 stay taken (by /dev/null if the scheduler ran without them), so an attempt's
-    // files arrive as 3 and up and the job's dup2 onto 1 and 2 cannot clobber one another.
-    if (::fcntl(fd, F_GETFD) < 0) ::open("/dev/null", O_RDWR);
+    if (fd == socket || fd == ended_write || fd == null_fd) continue;
+    if (null_fd < 0 || ::dup2(null_fd, fd) != fd) {
+      ::close(fd);
+      ::open("/dev/null", O_RDWR);
+    }
   }
+  if (null_fd > 2) ::close(null_fd);
   if (files_limit != nullptr) ::setrlimit(RLIMIT_NOFILE, files_limit);  // jobs get the scheduler's own
   // The job gets the signals the scheduler forwards; the shepherd must outlive it to record how
   // it ended, so it ignores them itself (not SIGKILL: a second Ctrl-C kills both).

@@ -2,6 +2,7 @@
 // the journal's round trip, spare attempt files, and the shepherds.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/prctl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/file.h>
@@ -15,6 +16,7 @@
 #include <fstream>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "gpuslot/jobs.hpp"
 #include "jobs/journal.hpp"
@@ -561,6 +563,9 @@ TEST(ShepherdPool, AnOrderWithANulCharacterIsRefusedAndTheShepherdStaysIdle) {
 TEST(ShepherdPool, ASchedulerRunWithoutStandardDescriptorsStillSendsEachStreamToItsLog) {
   Folder logs("shepherd-nostdio");
   const AttemptFiles files = attempt_files(logs.str(), "job", 1);
+  // The shepherd, orphaned when the child below exits, becomes this process's child: it must
+  // then end by itself (a shepherd that kept the scheduler's end of its socket in 0-2 never did).
+  ASSERT_EQ(::prctl(PR_SET_CHILD_SUBREAPER, 1), 0);
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);
   if (child == 0) try {
@@ -577,6 +582,7 @@ TEST(ShepherdPool, ASchedulerRunWithoutStandardDescriptorsStillSendsEachStreamTo
     if (!pool.hand(shepherd, order)) ::_exit(11);
     opened->close_all();
     ::close(lease.fd);
+    std::ofstream(logs / "shepherd.pid") << shepherd;
     ::_exit(wait_for_an_end(pool) == shepherd ? 0 : 12);
   } catch (...) {
     ::_exit(99);  // never unwind into the test runner from the forked child
@@ -587,6 +593,15 @@ TEST(ShepherdPool, ASchedulerRunWithoutStandardDescriptorsStillSendsEachStreamTo
   ASSERT_EQ(WEXITSTATUS(status), 0);
   EXPECT_EQ(text_of(files.out), "to-out\n");
   EXPECT_EQ(text_of(files.err), "to-err\n");
+  const pid_t shepherd = pid_t(std::stol(text_of(logs / "shepherd.pid")));
+  pid_t reaped = 0;
+  for (int tries = 0; tries < 500 && reaped == 0; ++tries) {
+    reaped = ::waitpid(shepherd, &status, WNOHANG);
+    if (reaped == 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (reaped == 0) ::kill(shepherd, SIGKILL), ::waitpid(shepherd, nullptr, 0);
+  ::prctl(PR_SET_CHILD_SUBREAPER, 0);
+  EXPECT_EQ(reaped, shepherd) << "the shepherd ends once its scheduler is gone";
 }
 
 }  // namespace
