@@ -182,6 +182,16 @@ void append_json_field(std::string& out, std::string_view key, Integer value) {
   out += std::to_string(value);
 }
 
+template <class Items, class AppendItem>
+void append_json_array(std::string& out, const Items& items, AppendItem append_item) {
+  out += '[';
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    if (i > 0) out += ',';
+    append_item(items[i]);
+  }
+  out += ']';
+}
+
 }  // namespace
 
 std::string to_json_text(const LeaseRecord& record) {
@@ -196,12 +206,9 @@ std::string to_json_text(const LeaseRecord& record) {
   out += record.expires_at_ms ? std::to_string(*record.expires_at_ms) : std::string("null");
   out += ',';
   append_json_field(out, "format", 1);
-  out += ",\"gpu_uuids\":[";
-  for (std::size_t i = 0; i < record.gpu_uuids.size(); ++i) {
-    if (i > 0) out += ',';
-    append_json_string(out, record.gpu_uuids[i]);
-  }
-  out += "],";
+  out += ",\"gpu_uuids\":";
+  append_json_array(out, record.gpu_uuids, [&](const std::string& uuid) { append_json_string(out, uuid); });
+  out += ',';
   append_json_field(out, "holder_pid", record.holder_pid);
   out += ',';
   append_json_field(out, "holder_session", record.holder_session);
@@ -209,12 +216,9 @@ std::string to_json_text(const LeaseRecord& record) {
   append_json_field(out, "holder_start_ticks", record.holder_start_ticks);
   out += ",\"id\":";
   append_json_string(out, record.id);
-  out += ",\"nvml_indices\":[";
-  for (std::size_t i = 0; i < record.nvml_indices.size(); ++i) {
-    if (i > 0) out += ',';
-    out += std::to_string(record.nvml_indices[i]);
-  }
-  out += "],";
+  out += ",\"nvml_indices\":";
+  append_json_array(out, record.nvml_indices, [&](unsigned index) { out += std::to_string(index); });
+  out += ',';
   append_json_field(out, "reserved_bytes", record.reserved_bytes);
   out += ',';
   append_json_field(out, "taken_at_ms", record.taken_at_ms);

@@ -311,16 +311,24 @@ struct FakeLease {
 
 // Opens attempt `files`, hands `argv` to `shepherd` with a new lease at `lease_path`, then closes
 // this process's copies, as the scheduler does. Call under ASSERT_NO_FATAL_FAILURE.
-void hand_attempt(ShepherdPool& pool, pid_t shepherd, AttemptFilePool& files_pool, const AttemptFiles& files,
-                  const std::string& lease_path, std::vector<std::string> argv) {
+// Opens an attempt's files and a lease, hands them to `shepherd` and closes this side's copies.
+// The reason on failure, "" on success; with no gtest assertion, so a forked child can use it.
+std::string try_hand_attempt(ShepherdPool& pool, pid_t shepherd, AttemptFilePool& files_pool, const AttemptFiles& files,
+                             const std::string& lease_path, std::vector<std::string> argv) {
   auto opened = files_pool.open(files);
-  ASSERT_TRUE(opened) << opened.error().message;
+  if (!opened) return "open: " + opened.error().message;
   FakeLease lease(lease_path);
   ShepherdOrder order{std::move(argv), {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
   auto handed = pool.hand(shepherd, order);
   opened->close_all();
   ::close(lease.fd);
-  ASSERT_TRUE(handed) << handed.error().message;
+  return handed ? std::string() : "hand: " + handed.error().message;
+}
+
+void hand_attempt(ShepherdPool& pool, pid_t shepherd, AttemptFilePool& files_pool, const AttemptFiles& files,
+                  const std::string& lease_path, std::vector<std::string> argv) {
+  const std::string failed = try_hand_attempt(pool, shepherd, files_pool, files, lease_path, std::move(argv));
+  ASSERT_TRUE(failed.empty()) << failed;
 }
 
 pid_t wait_for_an_end(ShepherdPool& pool) {
@@ -519,13 +527,9 @@ TEST(ShepherdPool, TheSchedulerMayOpenAsManySocketsAsTheHardLimitAllowsAndJobsKe
       rlimit now{};
       ::getrlimit(RLIMIT_NOFILE, &now);
       if (now.rlim_cur != limit.rlim_max) ::_exit(11);
-      auto opened = files_pool.open(files);
-      if (!opened) ::_exit(12);
-      FakeLease lease(logs / "lease");
-      ShepherdOrder order{{"/bin/sh", "-c", "ulimit -n"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
-      if (!pool.hand(shepherd, order)) ::_exit(13);
-      opened->close_all();
-      ::close(lease.fd);
+      if (!try_hand_attempt(pool, shepherd, files_pool, files, logs / "lease", {"/bin/sh", "-c", "ulimit -n"}).empty()) {
+        ::_exit(12);
+      }
       if (wait_for_an_end(pool) != shepherd) ::_exit(14);
     }
     rlimit after{};
@@ -575,13 +579,10 @@ TEST(ShepherdPool, ASchedulerRunWithoutStandardDescriptorsStillSendsEachStreamTo
     AttemptFilePool files_pool(logs.str());
     ShepherdPool pool;
     const pid_t shepherd = pool.idle().value();
-    auto opened = files_pool.open(files);
-    if (!opened) ::_exit(10);
-    FakeLease lease(logs / "lease");
-    ShepherdOrder order{{"/bin/sh", "-c", "echo to-out; echo to-err >&2"}, {"PATH=/usr/bin:/bin"}, "", lease.path, *opened, lease.fd};
-    if (!pool.hand(shepherd, order)) ::_exit(11);
-    opened->close_all();
-    ::close(lease.fd);
+    if (!try_hand_attempt(pool, shepherd, files_pool, files, logs / "lease",
+                          {"/bin/sh", "-c", "echo to-out; echo to-err >&2"}).empty()) {
+      ::_exit(10);
+    }
     std::ofstream(logs / "shepherd.pid") << shepherd;
     ::_exit(wait_for_an_end(pool) == shepherd ? 0 : 12);
   } catch (...) {
