@@ -41,4 +41,10 @@ nlohmann::json lease_json(const LeaseRecord& lease);
 // {"<nvml index>": [lease, …]} for status_json.
 nlohmann::json leases_by_gpu(const std::vector<LeaseRecord>& leases, const Snapshot& snapshot);
 
+// The text every --json output prints (indented 2): strings from outside (command lines, paths)
+// may hold bytes that are not UTF-8, which become U+FFFD instead of an exception.
+inline std::string json_text(const nlohmann::json& json) {
+  return json.dump(2, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 }  // namespace gpuslot::report

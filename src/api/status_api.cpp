@@ -24,7 +24,7 @@ Result<std::string> status_json(std::vector<std::string>* warnings) {
     if (warnings != nullptr) *warnings = std::move(found);
     auto recommendation = select_gpus(Requirements{}, *snapshot, visibility, outstanding);
     if (!recommendation) return std::move(recommendation).error();
-    return report::status_json(*snapshot, visibility, *recommendation, report::leases_by_gpu(leases, *snapshot)).dump(2, ' ', false, nlohmann::json::error_handler_t::replace);
+    return report::json_text(report::status_json(*snapshot, visibility, *recommendation, report::leases_by_gpu(leases, *snapshot)));
   } catch (const std::exception& e) {
     return make_error(Errc::internal, std::string("internal error: ") + e.what());
   }

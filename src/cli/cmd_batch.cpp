@@ -247,7 +247,7 @@ void run_status(const BatchCliOptions& options) {
   if (options.json) {
     nlohmann::json list = nlohmann::json::array();
     for (const auto& job : jobs) list.push_back(job_json(job, logs_dir));
-    std::printf("%s\n", nlohmann::json{{"journal", options.status_journal}, {"logs", logs_dir}, {"jobs", list}}.dump(2, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+    std::printf("%s\n", json_text(nlohmann::json{{"journal", options.status_journal}, {"logs", logs_dir}, {"jobs", list}}).c_str());
     return;
   }
   std::size_t counts[4] = {};
@@ -391,15 +391,14 @@ void run_batch_command(Context& context, const BatchCliOptions& options) {
   if (options.json) {
     nlohmann::json list = nlohmann::json::array();
     for (const auto& job : result->jobs) list.push_back(job_json(job, logs_dir));
-    std::printf("%s\n", nlohmann::json{{"journal", batch.journal_path},
-                                       {"logs", logs_dir},
-                                       {"interrupted", result->interrupted},
-                                       {"succeeded", succeeded},
-                                       {"failed", failed},
-                                       {"not_run", queued},
-                                       {"jobs", list}}
-                            .dump(2, ' ', false, nlohmann::json::error_handler_t::replace)
-                            .c_str());
+    std::printf("%s\n", json_text(nlohmann::json{{"journal", batch.journal_path},
+                                                 {"logs", logs_dir},
+                                                 {"interrupted", result->interrupted},
+                                                 {"succeeded", succeeded},
+                                                 {"failed", failed},
+                                                 {"not_run", queued},
+                                                 {"jobs", list}})
+                             .c_str());
   } else {
     const bool brief = result->jobs.size() > kSummaryRows;
     if (!brief || failed + queued > 0) print_table(result->jobs, brief);

@@ -29,7 +29,7 @@ void run_leases(Context& context, const LeasesOptions& options) {
   if (options.json) {
     nlohmann::json list = nlohmann::json::array();
     for (const auto& lease : leases) list.push_back(lease_json(lease));
-    std::printf("%s\n", nlohmann::json{{"state_dir", ledger->directory()}, {"leases", list}}.dump(2, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+    std::printf("%s\n", json_text(nlohmann::json{{"state_dir", ledger->directory()}, {"leases", list}}).c_str());
     return;
   }
   if (leases.empty()) {

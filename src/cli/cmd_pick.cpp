@@ -102,7 +102,7 @@ void run_pick(Context& context, const PickOptions& options) {
   }
   for (const auto& warning : decision.warnings) print_warning(context, warning);
   if (options.format == "json") {
-    std::printf("%s\n", decision_json(decision, snapshot, visibility).dump(2, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+    std::printf("%s\n", json_text(decision_json(decision, snapshot, visibility)).c_str());
   }
   if (!decision.fits()) {
     print_error(decision.summary);

@@ -125,7 +125,7 @@ void show_once(Context& context, const StatusOptions& options) {
   const OutstandingReservations reserved = context.reservations(snapshot, &leases);
   const Decision recommendation = value_or_throw(select_gpus(Requirements{}, snapshot, visibility, reserved));
   if (options.json) {
-    std::printf("%s\n", status_json(snapshot, visibility, recommendation, leases_by_gpu(leases, snapshot)).dump(2, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+    std::printf("%s\n", json_text(status_json(snapshot, visibility, recommendation, leases_by_gpu(leases, snapshot))).c_str());
   } else {
     print_table(context, snapshot, visibility, recommendation, leases);
   }

@@ -9,6 +9,7 @@
 namespace gpuslot::cli {
 
 using report::decision_json;
+using report::json_text;
 using report::lease_json;
 using report::leases_by_gpu;
 using report::memory_line;

@@ -490,3 +490,11 @@ def test_symlinked_state_directory_is_refused(gpuslot, host, state_dir, tmp_path
     result = gpuslot("run", "--mem", "1G", "--", "touch", marker, host=host_path)
     assert_refused_without_launch(result, marker, "symlink")
     assert list(real.iterdir()) == []
+
+
+def test_json_output_with_a_path_that_is_not_utf8(gpuslot, host, tmp_path):
+    # A state directory named with bytes that are not UTF-8: --json prints U+FFFD, not an error.
+    state = tmp_path / "state-\udcff"
+    listed = gpuslot("leases", "--json", host=host("4x24g"), env={"GPUSLOT_STATE_DIR": state}, check=0)
+    assert json.loads(listed.stdout)["state_dir"].endswith("state-\ufffd")
+    assert json.loads(listed.stdout)["leases"] == []
