@@ -23,6 +23,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "gpuslot/gpuslot.hpp"
@@ -34,6 +35,22 @@ namespace {
 
 using namespace std::chrono_literals;
 
+// Python text for a line gpuslot wrote. Such lines may carry bytes that are not UTF-8 — a file
+// name any user can create in the shared state directory, a GPUSLOT_STATE_DIR path, a command —
+// and pybind11's own conversion would raise UnicodeDecodeError for them, turning a warning about
+// someone else's file into a failure of this call. Undecodable bytes are shown as \xNN instead.
+py::str text_of(std::string_view line) {
+  PyObject* decoded = PyUnicode_DecodeUTF8(line.data(), Py_ssize_t(line.size()), "backslashreplace");
+  if (decoded == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(decoded);
+}
+
+py::list to_list(const std::vector<std::string>& lines) {
+  py::list list;
+  for (const auto& line : lines) list.append(text_of(line));
+  return list;
+}
+
 // Raises the gpuslot exception for `error` (gpuslot.errors.from_error builds it); `log`, when
 // given, becomes its `log` attribute (lines said before the failure).
 [[noreturn]] void raise_error(const gpuslot::Error& error, const gpuslot::Explanation* explanation = nullptr,
@@ -42,10 +59,10 @@ using namespace std::chrono_literals;
   py::list reasons;
   py::list warnings;
   if (explanation != nullptr) {
-    for (const auto& line : explanation->gpu_lines) reasons.append(line);
-    for (const auto& line : explanation->warnings) warnings.append(line);
+    reasons = to_list(explanation->gpu_lines);
+    warnings = to_list(explanation->warnings);
   }
-  py::object exception = errors.attr("from_error")(gpuslot::errc_name(error.code), error.message, reasons, warnings);
+  py::object exception = errors.attr("from_error")(gpuslot::errc_name(error.code), text_of(error.message), reasons, warnings);
   if (!log.is_none()) exception.attr("log") = log;
   PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exception.ptr())), exception.ptr());
   throw py::error_already_set();
@@ -66,12 +83,6 @@ std::optional<std::chrono::milliseconds> milliseconds_of(std::optional<double> s
                                                                  std::to_string(*seconds) + ": expected seconds, 0 or more"));
   }
   return std::chrono::milliseconds(static_cast<long long>(*seconds * 1000.0));
-}
-
-py::list to_list(const std::vector<std::string>& lines) {
-  py::list list;
-  for (const auto& line : lines) list.append(line);
-  return list;
 }
 
 // The GIL, from any thread (the raw PyGILState API, which both pybind11 and CPython honour).
@@ -105,7 +116,7 @@ SharedObject share(py::object object) {
 
 py::dict explanation_dict(const gpuslot::Explanation& explanation) {
   py::dict out;
-  out["summary"] = explanation.summary;
+  out["summary"] = text_of(explanation.summary);
   out["lines"] = to_list(explanation.gpu_lines);
   out["warnings"] = to_list(explanation.warnings);
   return out;
@@ -130,7 +141,7 @@ gpuslot::GpuLease acquire(std::uint64_t memory_bytes, unsigned gpus, const std::
       request.on_pending = [callback](const std::string& reason) {
         Gil gil;
         try {
-          (*callback)(reason);
+          (*callback)(text_of(reason));
         } catch (py::error_already_set& e) {
           e.discard_as_unraisable("gpuslot lease on_pending");
         }
@@ -186,7 +197,7 @@ py::tuple result_tuple(const gpuslot::TaskResult& result) {
   const char* status = result.status == gpuslot::TaskResult::Status::succeeded ? "succeeded"
                        : result.status == gpuslot::TaskResult::Status::failed  ? "failed"
                                                                                : "cancelled";
-  return py::make_tuple(status, py::bytes(result.payload), result.message, result.attempts, to_list(result.history),
+  return py::make_tuple(status, py::bytes(result.payload), text_of(result.message), result.attempts, to_list(result.history),
                         result.device ? py::object(device_dict(*result.device)) : py::object(py::none()));
 }
 
@@ -303,7 +314,7 @@ class PoolHandle {
   py::object failure() {
     auto error = live().failure();
     if (!error) return py::none();
-    return py::make_tuple(gpuslot::errc_name(error->code), error->message, live().failed_in_worker_init());
+    return py::make_tuple(gpuslot::errc_name(error->code), text_of(error->message), live().failed_in_worker_init());
   }
 
   void close(double grace_seconds) {
@@ -387,7 +398,7 @@ PYBIND11_MODULE(_gpuslot, m) {
     }
     // The lines said go with the answer, or with the exception (its `log`): the package logs them.
     py::list lines;
-    for (const auto& [warning, line] : said) lines.append(py::make_tuple(warning, line));
+    for (const auto& [warning, line] : said) lines.append(py::make_tuple(warning, text_of(line)));
     if (!resolution) raise_error(resolution.error(), &explanation, lines);
     const gpuslot::DeviceResolution resolved = std::move(resolution).value();
     py::dict out = explanation_dict(explanation);

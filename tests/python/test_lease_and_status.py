@@ -158,3 +158,46 @@ def test_status_without_a_driver_raises_nvml_unavailable(python_run):
             print(error.exit_code)
     """).stdout.strip()
     assert out == "3"
+
+
+def test_a_file_name_that_is_not_utf8_in_the_state_directory_fails_no_call(python_run, host, state_dir):
+    """Any user can create `lease-<bytes>.json` in the shared state directory. Every call that
+    warns about it must still work, with the bytes shown as \\xNN (not UnicodeDecodeError from
+    converting the warning)."""
+    host_path = host("4x24g")
+    state_dir.mkdir(mode=0o1777, exist_ok=True)
+    hostile = os.path.join(os.fsencode(state_dir), b"lease-\xff\xfe.json")
+    with open(hostile, "w") as out:
+        out.write("not a lease")
+    out = python_run("""
+        import json, logging, gpuslot
+        warned = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                warned.append(record.getMessage())
+        logging.getLogger("gpuslot").addHandler(Keep(level=logging.WARNING))
+        status = gpuslot.status()
+        status_warnings, warned[:] = list(warned), []
+        with gpuslot.lease(mem="1G") as held:
+            leased = held.nvml_indices
+        lease_warnings = list(warned)
+        chosen = gpuslot.select_best_gpu(1)
+        device = gpuslot.resolve_device("auto")
+        print(json.dumps({"status_warnings": status_warnings, "gpus": len(status["gpus"]), "leased": leased,
+                          "lease_warnings": lease_warnings, "chosen": chosen, "device": device}))
+    """, host=host_path)
+    result = json.loads(out.stdout)
+    assert result["gpus"] == 4 and result["leased"] == [0] and result["chosen"] == 0 and result["device"].startswith("cuda:")
+    for warnings in (result["status_warnings"], result["lease_warnings"]):
+        assert any("lease-\\xff\\xfe.json" in line for line in warnings), warnings
+
+
+def test_an_error_naming_a_path_that_is_not_utf8_is_still_the_gpuslot_error(python_run, host):
+    out = python_run("""
+        import gpuslot
+        try:
+            gpuslot.lease(mem="1G")
+        except gpuslot.StateDirectoryError as e:
+            print(str(e))
+    """, host="4x24g", env={"GPUSLOT_STATE_DIR": "/proc/\udcff/state"})
+    assert out.stdout.startswith("cannot create state directory /proc/\\xff/state"), out.stdout + out.stderr
