@@ -94,18 +94,26 @@ OutstandingReservations charge_leases(const std::vector<LeaseRecord*>& leases, c
   for (std::size_t i = 0; i < leases.size(); ++i) {
     if (leases[i]->expires_at_ms && leases[i]->holder_session > 0) by_session[leases[i]->holder_session].push_back(i);
   }
+  // A process's memory is credited to a lease once, even where both rules reach it: a hold
+  // taken by `pick --hold` from a shell is that shell's (its holder) and its session's, and the
+  // job the shell then starts is both in its tree and in its session.
+  std::vector<std::size_t> credited;  // leases credited with the current process's memory
+  auto credit = [&](std::size_t i, const GpuInfo& gpu, std::uint64_t bytes) {
+    const auto& uuids = leases[i]->gpu_uuids;
+    if (std::find(uuids.begin(), uuids.end(), gpu.uuid) == uuids.end()) return;
+    if (std::find(credited.begin(), credited.end(), i) != credited.end()) return;
+    credited.push_back(i);
+    in_use[{i, gpu.uuid}] += bytes;
+    leases[i]->in_use_bytes += bytes;
+  };
   for (const auto& gpu : snapshot.gpus) {
     for (const auto& process : gpu.processes) {
       if (!process.used_bytes) continue;
+      credited.clear();
       if (!by_session.empty()) {
         if (auto session = facts.session(process.pid); session) {
           if (auto it = by_session.find(*session); it != by_session.end()) {
-            for (std::size_t i : it->second) {
-              const auto& uuids = leases[i]->gpu_uuids;
-              if (std::find(uuids.begin(), uuids.end(), gpu.uuid) == uuids.end()) continue;
-              in_use[{i, gpu.uuid}] += *process.used_bytes;
-              leases[i]->in_use_bytes += *process.used_bytes;
-            }
+            for (std::size_t i : it->second) credit(i, gpu, *process.used_bytes);
           }
         }
       }
@@ -113,12 +121,7 @@ OutstandingReservations charge_leases(const std::vector<LeaseRecord*>& leases, c
       pid_t pid = process.pid;
       for (int depth = 0; depth < 64 && pid > 1; ++depth) {
         if (const auto* held = held_by(pid)) {
-          for (std::size_t i : *held) {
-            const auto& uuids = leases[i]->gpu_uuids;
-            if (std::find(uuids.begin(), uuids.end(), gpu.uuid) == uuids.end()) continue;
-            in_use[{i, gpu.uuid}] += *process.used_bytes;
-            leases[i]->in_use_bytes += *process.used_bytes;
-          }
+          for (std::size_t i : *held) credit(i, gpu, *process.used_bytes);
           break;
         }
         auto parent = facts.parent(pid);

@@ -19,6 +19,7 @@ import pytest
 from conftest import wait_until, read_text, leases, wait_for_leases
 
 GiB = 1 << 30
+MiB = 1 << 20
 IS_ROOT = os.geteuid() == 0
 
 
@@ -338,6 +339,24 @@ def test_pick_hold_lease_ends_once_the_memory_shows_from_a_bash_subshell(gpuslot
     assert (memory["reserved"], lease["in_use"]) == (0, 10 * GiB), (
         "the held 10 GiB are counted on top of the job's own 10 GiB (holder pid %d is the bash subshell, "
         "job's shell is pid %d)" % (lease["pid"], job.pid))
+
+
+def test_pick_hold_credits_a_job_once_while_its_memory_loads(gpuslot, gpuslot_path, spawn, fake_gpu_job, host):
+    """The shell that ran `pick --hold` is alive and the job's parent: the job is both in the
+    holder's tree and in its session. Its memory must be credited to the hold once: with 4 of the
+    8 held GiB loaded, 4 GiB are still reserved, and the hold is not over."""
+    host_path = host("1x4090")
+    script = 'CUDA_VISIBLE_DEVICES=$("$GS" pick --mem 8G --hold 60s) "$JOB" --mem 4G --seconds 60; true'
+    job = spawn("sh", "-c", script, host=host_path, program=True, env={"GS": gpuslot_path, "JOB": fake_gpu_job})
+    wait_until(lambda: "holding" in read_text(job.out_path), what="job holding half of its memory")
+    (lease,) = leases(gpuslot, host_path)
+    gpu = status(gpuslot, host_path)["gpus"][0]
+    assert (lease["in_use"], gpu["memory"]["reserved"]) == (4 * GiB, 4 * GiB), (lease, gpu["memory"])
+    assert gpu["memory"]["available"] == gpu["memory"]["free"] - 4 * GiB
+    gpuslot("run", "--mem", "1M", "--", "true", host=host_path, check=0)  # a decision does not retire it
+    assert [entry["id"] for entry in leases(gpuslot, host_path)] == [lease["id"]]
+    too_big = (gpu["memory"]["available"] + GiB) // MiB
+    assert gpuslot("pick", "--mem", str(too_big), host=host_path, check=None).returncode == 1
 
 
 # --- status --json ------------------------------------------------------------------------------
