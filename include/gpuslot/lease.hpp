@@ -60,6 +60,10 @@ Result<std::string> open_state_directory(const std::optional<std::string>& reque
 // Start time of a process in clock ticks since boot (nullopt if it does not exist).
 std::optional<unsigned long long> process_start_ticks(pid_t pid);
 
+// The processes below `root` in the process tree (children, their children, …), as /proc says
+// now; a process forking meanwhile may be missed, so a caller that signals them looks twice.
+std::vector<pid_t> descendants_of(pid_t root);
+
 // A lease this process holds. Releasing (destructor or release()) ends it at once: the file is
 // renamed out of the leases (kept for this user's next lease) or removed. Dying ends it too,
 // through the kernel dropping the lock.

@@ -7,17 +7,25 @@
 // - gpuslot never changes its own environment; the child's is built from a copy (threads share
 //   the environment, and CUDA reads it once at start).
 // - Signals: a terminal's Ctrl-C already reaches the child (same process group), so only signals
-//   *sent* to gpuslot (kill, a scheduler) are forwarded — a job is never interrupted twice.
+//   *sent* to gpuslot (kill, a scheduler) are forwarded — a job is never interrupted twice. They
+//   go to the child at once and then, as a terminal's would, to every process below it: a job
+//   started through a script (`gpuslot run -- ./train.sh`) is the script's child, and the script
+//   alone would die and leave it running. gpuslot is the child subreaper of its job, so a process
+//   whose parent died is still found below gpuslot.
+// - --enforce stops the whole job the same way: SIGTERM to every process of it, SIGKILL to what is
+//   left kStopGrace later or when the child has exited.
 // - The child is waited for through a pidfd, so its exit is seen at once while gpuslot still
 //   wakes every second to compare its GPU memory with the reservation.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
@@ -39,14 +47,46 @@ struct RunOptions {
 };
 
 volatile sig_atomic_t g_child = 0;
+// Signals forwarded to the child that are still to reach the processes below it (a bit each),
+// and a pipe that wakes the waiting loop for them: /proc cannot be walked in a signal handler.
+volatile sig_atomic_t g_for_the_tree = 0;
+int g_wake[2] = {-1, -1};
+
+// What the job's processes get a signal for: the ones that end it. SIGUSR1/SIGUSR2 mean what the
+// child makes of them, so they go to the child alone.
+bool ends_the_job(int signal_number) {
+  return signal_number == SIGINT || signal_number == SIGTERM || signal_number == SIGHUP || signal_number == SIGQUIT;
+}
 
 void forward_signal(int signal_number, siginfo_t* info, void*) {
   // SI_USER/SI_QUEUE/SI_TKILL (<= 0): sent by a process; SI_KERNEL: the terminal, which already
   // delivered it to the child in our process group.
-  if (g_child > 0 && info != nullptr && info->si_code <= 0) ::kill(pid_t(g_child), signal_number);
+  if (g_child <= 0 || info == nullptr || info->si_code > 0) return;
+  const int saved = errno;
+  ::kill(pid_t(g_child), signal_number);
+  if (ends_the_job(signal_number)) {
+    g_for_the_tree = g_for_the_tree | (1 << signal_number);
+    const char wake = 's';
+    [[maybe_unused]] const ssize_t ignored = ::write(g_wake[1], &wake, 1);
+  }
+  errno = saved;
 }
 
 constexpr int kForwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
+
+// How long a job stopped by --enforce has between SIGTERM and SIGKILL.
+constexpr std::chrono::seconds kStopGrace{5};
+
+// Sends `signal_number` to every process below the child (twice over, for those forked while the
+// first pass was signalling), and to the child itself with `and_child`.
+void signal_job(pid_t child, int signal_number, bool and_child) {
+  if (and_child) ::kill(child, signal_number);
+  for (int pass = 0; pass < 2; ++pass) {
+    for (pid_t pid : descendants_of(::getpid())) {
+      if (pid != child) ::kill(pid, signal_number);
+    }
+  }
+}
 
 sigset_t forwarded_set() {
   sigset_t set;
@@ -79,34 +119,51 @@ std::optional<std::uint64_t> child_usage(Context& context, const LeaseRecord& re
 }
 
 int wait_for_child(Context& context, pid_t child, const LeaseRecord& record, bool enforce) {
+  using Clock = std::chrono::steady_clock;
   const int pidfd = int(::syscall(SYS_pidfd_open, child, 0));
   bool warned = false;
-  bool stopping = false;
+  std::optional<Clock::time_point> kill_at;  // set once --enforce has sent SIGTERM
   const std::uint64_t allowed = record.reserved_bytes * record.gpu_uuids.size();
   for (;;) {
+    // Reap the child, and any orphan of the job that was handed to us (child subreaper).
     int status = 0;
-    const pid_t done = ::waitpid(child, &status, WNOHANG);
+    pid_t done = 0;
+    while ((done = ::waitpid(-1, &status, WNOHANG)) > 0 && done != child) {
+    }
     if (done == child) {
       if (pidfd >= 0) ::close(pidfd);
+      if (kill_at) signal_job(child, SIGKILL, false);  // what is left of a job being stopped
       if (WIFEXITED(status)) return WEXITSTATUS(status);
       if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
       return 1;
     }
-    if (pidfd >= 0) {
-      pollfd descriptor{pidfd, POLLIN, 0};
-      // Readable means the child exited: reap it (and release the lease) before anything else.
-      if (::poll(&descriptor, 1, 1000) > 0 && (descriptor.revents & POLLIN) != 0) continue;
-    } else {
-      ::poll(nullptr, 0, 100);
+    if (const int pending = g_for_the_tree; pending != 0) {
+      g_for_the_tree = 0;  // a signal arriving now sets its bit again and writes to the pipe
+      for (int signal_number : kForwarded) {
+        if ((pending & (1 << signal_number)) != 0) signal_job(child, signal_number, false);
+      }
     }
-    if (record.reserved_bytes == 0 || stopping) continue;
+    if (kill_at && Clock::now() >= *kill_at) {
+      signal_job(child, SIGKILL, true);
+      kill_at = Clock::time_point::max();
+    }
+    pollfd descriptors[2] = {{pidfd, POLLIN, 0}, {g_wake[0], POLLIN, 0}};
+    // Readable pidfd: the child exited; reap it (and release the lease) before anything else.
+    const int ready = ::poll(descriptors, 2, pidfd >= 0 ? 1000 : 100);
+    if (ready > 0 && (descriptors[1].revents & POLLIN) != 0) {
+      char drained[64];
+      while (::read(g_wake[0], drained, sizeof drained) > 0) {
+      }
+    }
+    if (ready != 0 || kill_at) continue;
     const auto used = child_usage(context, record);
     if (!used || *used <= allowed) continue;
     if (enforce) {
       print_error("stopping '" + record.command + "': it uses " + format_gib(*used) + " of GPU memory, above its " +
-                  format_gib(allowed) + " reservation (--enforce)");
-      ::kill(child, SIGTERM);
-      stopping = true;
+                  format_gib(allowed) + " reservation (--enforce); SIGKILL in " +
+                  std::to_string(kStopGrace.count()) + " s if it has not exited");
+      signal_job(child, SIGTERM, true);
+      kill_at = Clock::now() + kStopGrace;
     } else if (!warned) {
       print_warning(context, "'" + record.command + "' uses " + format_gib(*used) + " of GPU memory, above its " +
                                  format_gib(allowed) + " reservation; other launches may run out of memory (reserve more with --mem)");
@@ -161,6 +218,10 @@ void run_run(Context& context, RunOptions& options) {
   std::fflush(nullptr);
   // Signals stay blocked from before the fork until the child's pid is known, so a SIGTERM sent
   // at launch is delivered (and forwarded) afterwards instead of being lost.
+  if (::pipe2(g_wake, O_CLOEXEC | O_NONBLOCK) != 0) {
+    throw CommandError(make_error(Errc::state, std::string("cannot start the command: ") + std::strerror(errno)));
+  }
+  ::prctl(PR_SET_CHILD_SUBREAPER, 1);  // the job's orphans stay below us (see the top of this file)
   const sigset_t forwarded = forwarded_set();
   sigset_t previous;
   sigprocmask(SIG_BLOCK, &forwarded, &previous);

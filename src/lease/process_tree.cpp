@@ -5,6 +5,7 @@
 // All three come from one read of /proc/<pid>/stat, and ProcessFacts keeps what it read: a
 // select-and-reserve reads /proc before the host lock and decides under the lock from the same
 // facts, so the lock is not held for /proc reads.
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -12,7 +13,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
+#include <vector>
 
 #include "lease/internal.hpp"
 
@@ -67,6 +70,32 @@ std::optional<unsigned long long> process_start_ticks(pid_t pid) {
   const auto fields = read_stat(pid);
   if (!fields) return std::nullopt;
   return fields->start_ticks;
+}
+
+std::vector<pid_t> descendants_of(pid_t root) {
+  std::map<pid_t, std::vector<pid_t>> children;
+  if (DIR* proc = ::opendir("/proc")) {
+    while (const dirent* entry = ::readdir(proc)) {
+      char* end = nullptr;
+      const long pid = std::strtol(entry->d_name, &end, 10);
+      if (end == entry->d_name || *end != '\0' || pid <= 0) continue;
+      if (const auto fields = read_stat(pid_t(pid))) children[fields->parent].push_back(pid_t(pid));
+    }
+    ::closedir(proc);
+  }
+  std::vector<pid_t> found;
+  std::vector<pid_t> next{root};
+  while (!next.empty() && found.size() < 100000) {
+    const pid_t pid = next.back();
+    next.pop_back();
+    if (auto it = children.find(pid); it != children.end()) {
+      for (pid_t child : it->second) {
+        found.push_back(child);
+        next.push_back(child);
+      }
+    }
+  }
+  return found;
 }
 
 namespace lease_internal {

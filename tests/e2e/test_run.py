@@ -143,6 +143,53 @@ def test_sigterm_stops_a_gpu_job_which_returns_143(spawn, gpuslot, fake_gpu_job,
     assert leases(gpuslot, host_path) == []
 
 
+
+def gpu_processes(gpuslot, host_path):
+    gpus = json.loads(gpuslot("status", "--json", host=host_path, check=0).stdout)["gpus"]
+    return [process for gpu in gpus for process in gpu["processes"]]
+
+
+def test_sigterm_to_run_reaches_a_job_started_by_a_script(spawn, gpuslot, fake_gpu_job, host):
+    """`kill <gpuslot>` (a scheduler's stop) must stop the job, not only the script that started
+    it: the script dies at once and would leave its child running on the GPU."""
+    host_path = host("4x24g")
+    run = spawn("run", "--mem", "2G", "--", "sh", "-c", '"$JOB" --mem 2G --seconds 60; echo after', host=host_path,
+                env={"JOB": fake_gpu_job})
+    wait_until(lambda: "holding" in read_text(run.out_path), what="job holding memory")
+    os.kill(run.pid, signal.SIGTERM)
+    assert run.wait(timeout=10) == 128 + signal.SIGTERM
+    wait_until(lambda: gpu_processes(gpuslot, host_path) == [], timeout=5, what="the job's process to end")
+    assert "after" not in read_text(run.out_path)
+
+
+def test_enforce_stops_every_process_of_a_job_started_by_a_script(gpuslot, fake_gpu_job, host):
+    host_path = host("4x24g")
+    result = gpuslot("run", "--mem", "2G", "--enforce", "--", "sh", "-c", '"$JOB" --mem 6G --seconds 30; echo after',
+                     host=host_path, env={"JOB": fake_gpu_job}, timeout=20)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert "stopping" in result.stderr and "after" not in result.stdout
+    wait_until(lambda: gpu_processes(gpuslot, host_path) == [], timeout=5, what="the job's process to end")
+
+
+def test_enforce_kills_what_ignores_sigterm_after_the_grace(gpuslot, fake_gpu_job, host):
+    """The script ignores SIGTERM (and so does the sleep it starts): SIGKILL follows 5 s later."""
+    host_path = host("4x24g")
+    began = time.monotonic()
+    result = gpuslot("run", "--mem", "2G", "--enforce", "--", "sh", "-c",
+                     'trap "" TERM; "$JOB" --mem 6G --seconds 30; sleep 60', host=host_path, env={"JOB": fake_gpu_job},
+                     timeout=40)
+    assert result.returncode == 128 + signal.SIGKILL, result.stderr
+    assert "SIGKILL in 5 s" in result.stderr
+    assert 5 <= time.monotonic() - began < 30
+    assert gpu_processes(gpuslot, host_path) == [] and leases(gpuslot, host_path) == []
+
+
+def test_a_job_with_no_reservation_is_watched_too(gpuslot, fake_gpu_job, host):
+    host_path = host("4x24g")
+    result = gpuslot("run", "--mem", "0", "--", fake_gpu_job, "--mem", "1G", "--seconds", "3", host=host_path)
+    assert result.returncode == 0 and result.stderr.count("above its 0.00 GiB reservation") == 1, result.stderr
+
+
 # --- nothing fits, waiting ----------------------------------------------------------------------
 
 
