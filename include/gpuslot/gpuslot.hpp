@@ -79,7 +79,9 @@ struct LeaseRequest {
   // With wait: called with the reason when the request first has to wait ("no GPU fits now: …").
   std::function<void(const std::string&)> on_pending{};
   // With wait: polled about every 100 ms; returning true abandons the wait (Errc::timeout,
-  // "wait cancelled"). This is how a caller makes a long wait interruptible (Ctrl-C in Python).
+  // "wait cancelled") and leaves the queue at once. This is how a caller makes a long wait
+  // interruptible (Ctrl-C in Python). Called on the thread that called acquire_lease, as is
+  // on_pending.
   std::function<bool()> cancelled{};
 };
 

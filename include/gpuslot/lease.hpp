@@ -144,11 +144,14 @@ class Ledger {
   // Like reserve, but waits FIFO-fair until the request fits, waking when a lease is released
   // (inotify) or, at the latest, every poll interval for memory freed outside gpuslot.
   // `on_pending` is called when the pending reason changes. Errc::timeout after `timeout`.
+  // `cancelled`, when given, is asked at least every 100 ms while waiting; once it says true the
+  // wait ends (Errc::timeout, "wait cancelled") and leaves the queue.
   Result<Reservation> reserve_waiting(const ReserveRequest& request, const SnapshotSource& snapshot_source,
                                       const VisibilityOf& visibility_of,
                                       std::optional<std::chrono::milliseconds> timeout,
                                       const std::function<void(const std::string&)>& on_pending,
-                                      std::vector<std::string>* warnings = nullptr);
+                                      std::vector<std::string>* warnings = nullptr,
+                                      const std::function<bool()>& cancelled = {});
 
   // Removes a lease by id: its holder, or root, may. Errc::bad_input if no such lease,
   // Errc::state if not permitted.

@@ -1,19 +1,10 @@
 // lease_api.cpp — leases for in-process use: acquire_lease (optionally waiting, interruptibly),
 // the RAII GpuLease, and select_best_gpu, the seed's one-call API.
 //
-// Why the wait runs on a helper thread when it can be cancelled: Ledger::reserve_waiting keeps
-// its FIFO ticket only for the duration of one call, so a caller that wants to react to Ctrl-C
-// cannot slice the wait into short calls without going to the back of the queue each time. The
-// helper keeps the one call; the caller polls `cancelled`. An abandoned helper keeps its ticket
-// until it is served and then gives the lease straight back (or dies with the process, which is
-// what usually follows Ctrl-C).
-#include <unistd.h>
-
-#include <condition_variable>
-#include <cstring>
+// A wait that can be cancelled (Ctrl-C in Python) is one Ledger::reserve_waiting call that asks
+// `cancelled` as it waits: its FIFO ticket lasts exactly as long as the call, so a cancelled
+// wait leaves the queue at once and a caller that carries on (a notebook) blocks nobody.
 #include <exception>
-#include <mutex>
-#include <thread>
 
 #include "api/lease_state.hpp"
 #include "gpuslot/jobs.hpp"
@@ -25,26 +16,6 @@ namespace {
 
 Error internal_error(const std::exception& e) { return make_error(Errc::internal, std::string("internal error: ") + e.what()); }
 
-// Everything a (possibly abandoned) waiting reservation needs, owned jointly by the caller and
-// the helper thread.
-struct WaitState {
-  Ledger ledger;
-  ReserveRequest request;
-  std::string device;
-  std::optional<std::chrono::milliseconds> timeout;
-  std::mutex mutex;
-  std::condition_variable changed;
-  std::optional<Error> visibility_error;  // written only by the helper until `done`
-  std::optional<Result<Reservation>> result;
-  std::vector<std::string> warnings;
-  std::string pending;
-  bool pending_new = false;
-  bool done = false;
-
-  WaitState(Ledger l, ReserveRequest r, std::string d, std::optional<std::chrono::milliseconds> t)
-      : ledger(std::move(l)), request(std::move(r)), device(std::move(d)), timeout(t) {}
-};
-
 // The visibility a lease request may choose from; an error is kept aside (the ledger's callback
 // returns a plain Visibility) and an empty visibility returned, so nothing is chosen.
 Visibility visibility_for(const std::string& device, const Snapshot& snapshot, std::optional<Error>& error) {
@@ -55,55 +26,6 @@ Visibility visibility_for(const std::string& device, const Snapshot& snapshot, s
   none.restricted = true;
   none.restricted_by = "the device setting";
   return none;
-}
-
-Result<Reservation> reserve_with_cancellation(const std::shared_ptr<WaitState>& state, const LeaseRequest& request,
-                                              std::optional<Error>& visibility_error, std::vector<std::string>& warnings) {
-  std::thread helper([state] {
-    std::vector<std::string> helper_warnings;
-    std::optional<Error> error;
-    auto result = state->ledger.reserve_waiting(
-        state->request, [] { return api::snapshot(); },
-        [state, &error](const Snapshot& s) { return visibility_for(state->device, s, error); }, state->timeout,
-        [state](const std::string& reason) {
-          std::lock_guard<std::mutex> lock(state->mutex);
-          state->pending = reason;
-          state->pending_new = true;
-          state->changed.notify_all();
-        },
-        &helper_warnings);
-    std::lock_guard<std::mutex> lock(state->mutex);
-    state->result.emplace(std::move(result));
-    state->visibility_error = std::move(error);
-    state->warnings = std::move(helper_warnings);
-    state->done = true;
-    state->changed.notify_all();
-  });
-  helper.detach();  // joined in effect through `done`; left running only when abandoned
-
-  std::unique_lock<std::mutex> lock(state->mutex);
-  for (;;) {
-    state->changed.wait_for(lock, std::chrono::milliseconds(100), [&] { return state->done || state->pending_new; });
-    if (state->pending_new) {
-      state->pending_new = false;
-      const std::string reason = state->pending;
-      if (request.on_pending) {
-        lock.unlock();
-        request.on_pending(reason);
-        lock.lock();
-      }
-    }
-    if (state->done) break;
-    lock.unlock();
-    const bool stop = request.cancelled();
-    lock.lock();
-    if (stop && !state->done) return make_error(Errc::timeout, "wait cancelled");
-  }
-  visibility_error = std::move(state->visibility_error);
-  warnings = std::move(state->warnings);
-  Result<Reservation> result = std::move(*state->result);
-  state->result.reset();
-  return result;
 }
 
 }  // namespace
@@ -197,12 +119,10 @@ Result<GpuLease> acquire_lease(const LeaseRequest& request, Explanation* explana
     Result<Reservation> reservation = make_error(Errc::internal, "not reserved");
     if (!request.wait) {
       reservation = ledger->reserve(reserve, snapshot_source, visibility_of, &warnings);
-    } else if (!request.cancelled) {
-      reservation = ledger->reserve_waiting(reserve, snapshot_source, visibility_of, request.timeout,
-                                            request.on_pending ? request.on_pending : [](const std::string&) {}, &warnings);
     } else {
-      auto state = std::make_shared<WaitState>(std::move(*ledger), reserve, request.device, request.timeout);
-      reservation = reserve_with_cancellation(state, request, visibility_error, warnings);
+      reservation = ledger->reserve_waiting(reserve, snapshot_source, visibility_of, request.timeout,
+                                            request.on_pending ? request.on_pending : [](const std::string&) {}, &warnings,
+                                            request.cancelled);
     }
     if (!reservation) return std::move(reservation).error();
     if (visibility_error) return *visibility_error;

@@ -30,6 +30,7 @@ using namespace lease_internal;
 namespace {
 
 constexpr auto kPollInterval = std::chrono::milliseconds(250);
+constexpr auto kCancelPollInterval = std::chrono::milliseconds(100);  // how often `cancelled` is asked
 
 struct Ticket {
   std::string name;
@@ -113,7 +114,7 @@ Result<Reservation> Ledger::reserve_waiting(const ReserveRequest& request, const
                                             const VisibilityOf& visibility_of,
                                             std::optional<std::chrono::milliseconds> timeout,
                                             const std::function<void(const std::string&)>& on_pending,
-                                            std::vector<std::string>* warnings) {
+                                            std::vector<std::string>* warnings, const std::function<bool()>& cancelled) {
   // A plain time_point plus a flag: std::optional<time_point> trips GCC 12's maybe-uninitialized.
   const bool has_deadline = timeout.has_value();
   const auto deadline = std::chrono::steady_clock::now() + timeout.value_or(std::chrono::milliseconds(0));
@@ -184,7 +185,8 @@ Result<Reservation> Ledger::reserve_waiting(const ReserveRequest& request, const
       on_pending(pending);
       announced = true;
     }
-    auto wait_for = kPollInterval;
+    if (cancelled && cancelled()) return make_error(Errc::timeout, "wait cancelled");
+    auto wait_for = cancelled ? kCancelPollInterval : kPollInterval;
     if (has_deadline) {
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
       if (left.count() <= 0) {

@@ -112,6 +112,39 @@ def test_ctrl_c_interrupts_a_waiting_lease(python_spawn, host, gpuslot):
     assert waiter.wait(timeout=10) == 0
 
 
+def test_an_interrupted_wait_that_carries_on_leaves_the_queue(python_spawn, python_run, host, state_dir):
+    """A notebook: Ctrl-C ends a waiting lease() and the kernel lives on. Its place in the queue
+    must go with it, or every later waiter on the host (FIFO) waits behind a ghost."""
+    host_path = host("1x4090")
+    holder = python_spawn("""
+        import time, gpuslot
+        held = gpuslot.lease(mem="20G")
+        print("holding", flush=True)
+        time.sleep(60)
+    """, host_path)
+    wait_until(lambda: "holding" in holder.stdout_text(), what="the holder")
+    notebook = python_spawn("""
+        import time, gpuslot
+        print("waiting", flush=True)
+        try:
+            gpuslot.lease(mem="20G")
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        time.sleep(60)
+    """, host_path)
+    wait_until(lambda: "waiting" in notebook.stdout_text(), what="the notebook's wait")
+    wait_until(lambda: any(name.endswith(".ticket") for name in os.listdir(state_dir)), what="its ticket")
+    os.kill(notebook.pid, signal.SIGINT)
+    wait_until(lambda: "interrupted" in notebook.stdout_text(), timeout=5, what="KeyboardInterrupt in the notebook")
+    assert [name for name in os.listdir(state_dir) if name.endswith(".ticket")] == []
+    out = python_run("""
+        import gpuslot
+        with gpuslot.lease(mem="1G", timeout=10) as held:
+            print("got", held.nvml_indices)
+    """, host=host_path, timeout=30)
+    assert out.stdout.strip() == "got [0]", out.stderr
+
+
 def test_lease_restricted_to_a_device(python_run, host):
     out = python_run("""
         import gpuslot

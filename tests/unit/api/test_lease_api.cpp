@@ -116,6 +116,14 @@ TEST(LeaseApi, WaitTimesOutAndCanBeCancelled) {
   ASSERT_FALSE(cancelled.ok());
   EXPECT_EQ(cancelled.error().message, "wait cancelled");
   EXPECT_NE(pending.find("no GPU fits now"), std::string::npos) << pending;
+  // The cancelled wait has left the queue: no ticket of it is left to keep later waiters behind.
+  for (const auto& entry : std::filesystem::directory_iterator(fake.state)) {
+    EXPECT_EQ(entry.path().extension(), ".json") << "left behind: " << entry.path();
+  }
+  all->release();
+  auto next = gpuslot::acquire_lease({.memory_bytes = 20 * gpuslot::kGiB, .wait = true,
+                                      .timeout = std::chrono::milliseconds(5000)});
+  EXPECT_TRUE(next.ok()) << (next.ok() ? "" : next.error().message);
 }
 
 TEST(LeaseApi, OutOfMemorySignatures) {
