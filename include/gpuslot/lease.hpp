@@ -67,9 +67,13 @@ std::vector<pid_t> descendants_of(pid_t root);
 // A lease this process holds. Releasing (destructor or release()) ends it at once: the file is
 // renamed out of the leases (kept for this user's next lease) or removed. Dying ends it too,
 // through the kernel dropping the lock.
+// A process forked while it holds leases (without exec) gets a copy of each lease's descriptor,
+// and the kernel keeps a lock while any copy is open: the child would keep its parent's leases
+// alive after the parent died. So in a forked child every HeldLease lets go of its copy at once
+// (pthread_atfork) and forgets its file, without releasing the parent's lease.
 class HeldLease {
  public:
-  HeldLease(LeaseRecord record, int fd) : record_(std::move(record)), fd_(fd) {}
+  HeldLease(LeaseRecord record, int fd);
   ~HeldLease();
   HeldLease(const HeldLease&) = delete;
   HeldLease& operator=(const HeldLease&) = delete;
@@ -96,6 +100,7 @@ class HeldLease {
   LeaseRecord record_;
   int fd_ = -1;
   std::vector<ino_t> former_inodes_;  // files this lease had before a reassign (never reused by it)
+  friend struct HeldLeaseRegistry;
 };
 
 struct ReserveRequest {

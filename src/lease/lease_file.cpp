@@ -1,6 +1,7 @@
 // lease_file.cpp — one lease, one file: how it is written so that no reader ever sees it
 // half-written or unlocked, and how it is read back without trusting it.
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -14,6 +15,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <string_view>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -639,7 +641,45 @@ bool is_locked_by_someone(int fd) {
 
 }  // namespace lease_internal
 
-HeldLease::~HeldLease() { release(); }
+// The live HeldLeases of this process, for the forked child (see the class comment).
+struct HeldLeaseRegistry {
+  static HeldLeaseRegistry& get() {
+    static HeldLeaseRegistry* registry = [] {
+      auto* made = new HeldLeaseRegistry;  // never destroyed: a lease may outlive static destruction
+      ::pthread_atfork([] { get().mutex.lock(); }, [] { get().mutex.unlock(); }, [] { get().forget_in_child(); });
+      return made;
+    }();
+    return *registry;
+  }
+  void add(HeldLease* lease) {
+    std::lock_guard<std::mutex> lock(mutex);
+    leases.push_back(lease);
+  }
+  void remove(HeldLease* lease) {
+    std::lock_guard<std::mutex> lock(mutex);
+    std::erase(leases, lease);
+  }
+  // In the child, single-threaded, with the mutex taken by the forking thread before the fork:
+  // closing a descriptor and emptying strings allocate nothing.
+  void forget_in_child() {
+    for (HeldLease* lease : leases) {
+      if (lease->fd_ >= 0) ::close(lease->fd_);
+      lease->fd_ = -1;
+      lease->record_.path.clear();
+    }
+    leases.clear();
+    mutex.unlock();
+  }
+  std::mutex mutex;
+  std::vector<HeldLease*> leases;
+};
+
+HeldLease::HeldLease(LeaseRecord record, int fd) : record_(std::move(record)), fd_(fd) { HeldLeaseRegistry::get().add(this); }
+
+HeldLease::~HeldLease() {
+  release();
+  HeldLeaseRegistry::get().remove(this);
+}
 
 void HeldLease::detach() {
   if (fd_ >= 0) ::close(fd_);

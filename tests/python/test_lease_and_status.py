@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from conftest import wait_until, read_host, write_host
+from conftest import wait_until, read_host, write_host, leases
 
 
 def test_lease_context_manager_gives_ordinals_uuids_and_indices(python_run, host, gpuslot):
@@ -143,6 +143,35 @@ def test_an_interrupted_wait_that_carries_on_leaves_the_queue(python_spawn, pyth
             print("got", held.nvml_indices)
     """, host=host_path, timeout=30)
     assert out.stdout.strip() == "got [0]", out.stderr
+
+
+def test_a_forked_child_does_not_keep_a_dead_parents_lease(python_spawn, host, gpuslot, tmp_path):
+    """A process that forks while it holds a lease (a data loader's workers) and then dies: its
+    lease must go at once, not when the last child exits."""
+    host_path = host("4x24g")
+    child_pid = tmp_path / "child"
+    parent = python_spawn("""
+        import os, sys, time, gpuslot
+        held = gpuslot.lease(mem="8G")
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        open(os.environ["CHILD_PID"], "w").write(str(child))
+        print("forked", held.id, flush=True)
+        time.sleep(60)
+    """, host_path, env={"CHILD_PID": child_pid})
+    wait_until(lambda: "forked" in parent.stdout_text(), what="the parent to fork")
+    lease_id = parent.stdout_text().split()[1]
+    assert [lease["id"] for lease in leases(gpuslot, host_path)] == [lease_id]
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    child = int(child_pid.read_text())
+    try:
+        assert os.path.exists("/proc/%d" % child), "the child should still be alive"
+        assert leases(gpuslot, host_path) == []
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_lease_restricted_to_a_device(python_run, host):
