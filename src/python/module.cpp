@@ -85,10 +85,31 @@ std::optional<std::chrono::milliseconds> milliseconds_of(std::optional<double> s
   return std::chrono::milliseconds(static_cast<long long>(*seconds * 1000.0));
 }
 
+// Whether the interpreter is shutting down. A thread that takes the GIL then is ended by Python
+// on the spot (pthread_exit), unwinding through C++ frames that cannot be left that way (a
+// destructor retaking the GIL): std::terminate. A daemon thread waiting in gpuslot.lease() at
+// exit asks for the GIL every 100 ms, so it must not.
+bool python_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+// Parks a thread that would need the GIL while the interpreter shuts down: the process is about
+// to exit, and nothing this thread still has to do may touch Python.
+[[noreturn]] void park_until_exit() {
+  for (;;) ::pause();
+}
+
 // The GIL, from any thread (the raw PyGILState API, which both pybind11 and CPython honour).
 class Gil {
  public:
-  Gil() : state_(PyGILState_Ensure()) {}
+  Gil() {
+    if (python_finalizing()) park_until_exit();
+    state_ = PyGILState_Ensure();
+  }
   ~Gil() { PyGILState_Release(state_); }
   Gil(const Gil&) = delete;
   Gil& operator=(const Gil&) = delete;

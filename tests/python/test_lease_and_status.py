@@ -174,6 +174,33 @@ def test_a_forked_child_does_not_keep_a_dead_parents_lease(python_spawn, host, g
         os.kill(child, signal.SIGKILL)
 
 
+def test_a_daemon_thread_waiting_for_a_lease_lets_the_interpreter_exit(python_spawn, python_run, host):
+    """A daemon thread still waiting in lease() when the program ends. Python ends such a thread
+    when it takes the GIL during shutdown, which from inside gpuslot aborted or crashed the
+    process now and then (1 run in 6 to 40 here). Shutdown is held open by a slow __del__ so
+    that the waiting thread polls while it lasts; the process must exit cleanly, every time."""
+    host_path = host("4x24g")
+    holder = python_spawn("""
+        import time, gpuslot
+        held = gpuslot.lease(mem="20G", gpus=4)
+        print("holding", flush=True)
+        time.sleep(120)
+    """, host_path)
+    wait_until(lambda: "holding" in holder.stdout_text(), what="the holder")
+    for _ in range(5):
+        out = python_run("""
+            import threading, time, gpuslot
+            class SlowAtShutdown:
+                def __del__(self):
+                    time.sleep(0.5)
+            keeper = SlowAtShutdown()
+            threading.Thread(target=lambda: gpuslot.lease(mem="10G"), daemon=True).start()
+            time.sleep(0.3)
+            print("main exits", flush=True)
+        """, host=host_path, check=None, timeout=30)
+        assert (out.returncode, out.stdout) == (0, "main exits\n"), out.stderr
+
+
 def test_lease_restricted_to_a_device(python_run, host):
     out = python_run("""
         import gpuslot
