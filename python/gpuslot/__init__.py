@@ -32,9 +32,9 @@ per-GPU ``reasons``, NvmlUnavailable, Timeout, StateDirectoryError, TaskFailed, 
 to the ``gpuslot`` logger.
 """
 
+import collections.abc
 import json
 import logging
-import math
 import numbers
 
 from . import _gpuslot
@@ -91,10 +91,9 @@ def _bad(message):
 def _gib_to_bytes(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _bad("invalid %s %r: expected a number of GiB, such as 8 or 0.5" % (name, value))
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or value > 1024 * 1024:
+    if not 0 <= value <= 1024 * 1024:  # also NaN; compared before float(), which overflows on huge ints
         raise _bad("invalid %s %r: expected a number of GiB from 0 to 1048576" % (name, value))
-    return int(round(value * _GIB))
+    return int(round(float(value) * _GIB))
 
 
 def _memory_bytes(value, name):
@@ -116,8 +115,9 @@ def _seconds(value, name):
             return _gpuslot.parse_duration(value)
         except BadInput as error:
             raise _bad("%s: %s" % (name, error)) from None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise _bad("invalid %s %r: expected seconds (0 or more) or a duration such as '10m'" % (name, value))
+    # Compared before float(), which overflows on huge ints; NaN and inf fail the comparison.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1e9:
+        raise _bad("invalid %s %r: expected seconds (0 to 1e9) or a duration such as '10m'" % (name, value))
     return float(value)
 
 
@@ -162,8 +162,10 @@ def select_best_gpu(min_free_memory_gb=8.0, exclude_gpus=None, strategy="most-fr
     if exclude_gpus is None:
         exclude = []
     else:
-        if isinstance(exclude_gpus, (int, str)) and not isinstance(exclude_gpus, bool):
+        if isinstance(exclude_gpus, (numbers.Integral, str)) and not isinstance(exclude_gpus, bool):
             exclude_gpus = [exclude_gpus]
+        elif not isinstance(exclude_gpus, collections.abc.Iterable):
+            raise _bad("invalid exclude_gpus %r: expected CUDA ordinals (0, 1, …) or GPU UUIDs" % (exclude_gpus,))
         exclude = []
         for entry in exclude_gpus:
             if isinstance(entry, bool) or not isinstance(entry, (numbers.Integral, str)) or (

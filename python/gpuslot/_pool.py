@@ -22,7 +22,11 @@ _MAX_MESSAGE = 2000
 
 def _describe(exc):
     """One line for an exception: its type and message (what out-of-memory detection reads)."""
-    text = "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ itself fails still has a type
+        message = "(its message cannot be shown)"
+    text = "%s: %s" % (type(exc).__name__, message) if message else type(exc).__name__
     text = " ".join(text.split())
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
@@ -88,16 +92,29 @@ def _task_failed(message, attempts, history, device, payload, index=None):
     return error
 
 
+def _result_of(payload, attempts, history, device, index=None):
+    """A task's returned value, unpickled here; (True, value), or (False, TaskFailed) when the
+    value cannot be rebuilt in this process (its class is unknown here, its __reduce__ fails)."""
+    try:
+        return True, pickle.loads(payload)
+    except Exception as exc:
+        error = TaskFailed("its result could not be unpickled in the pool's process: " + _describe(exc), attempts,
+                           history, device, index, "")
+        error.__cause__ = exc
+        return False, error
+
+
 def _complete(future, result):
     """Delivers one result to its future (called on the pool's dispatcher thread)."""
     status, payload, message, attempts, history, device = result
     if future.done():  # cancelled by its caller meanwhile
         return
     if status == "succeeded":
-        try:
-            future.set_result(pickle.loads(payload))
-        except BaseException as exc:  # noqa: B036
-            future.set_exception(exc)
+        ok, value = _result_of(payload, attempts, history, device)
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
     elif status == "cancelled":
         future.cancel()
     else:
@@ -146,6 +163,8 @@ class WorkerPool:
                  timeout=None):
         from . import _memory_bytes, _seconds, _non_negative_int
 
+        from . import _strategy
+
         if init is not None and not callable(init):
             raise from_error("bad_input", "init must be callable or None, not %s" % type(init).__name__)
         if not callable(work):
@@ -154,7 +173,7 @@ class WorkerPool:
         self._closed = True
         self._core = _gpuslot.WorkerPoolCore(
             init, work, _memory_bytes(mem, "mem"), workers, _non_negative_int(retries, "retries"),
-            strategy, bool(wait), _seconds(timeout, "timeout"), "",
+            _strategy(strategy), bool(wait), _seconds(timeout, "timeout"), "",
         )
         self._closed = False
         self._lock = threading.Lock()
@@ -196,11 +215,15 @@ class WorkerPool:
         first_failure = None
         for index, (status, payload, message, attempts, history, device) in enumerate(results):
             if status == "succeeded":
-                values.append(pickle.loads(payload))
-                continue
-            error = _task_failed(message, attempts, history, device, payload, index)
-            if status == "cancelled":
+                ok, value = _result_of(payload, attempts, history, device, index)
+                if ok:
+                    values.append(value)
+                    continue
+                error = value
+            elif status == "cancelled":
                 error = concurrent.futures.CancelledError(message)
+            else:
+                error = _task_failed(message, attempts, history, device, payload, index)
             if first_failure is None:
                 first_failure = error
             values.append(error)
@@ -216,11 +239,14 @@ class WorkerPool:
     def close(self, grace=2.0):
         """Stops the pool: queued tasks are cancelled, each worker may finish its running task
         for ``grace`` seconds, then is killed; the leases are released. Idempotent."""
+        from . import _seconds
+
+        grace = _seconds(grace, "grace")  # checked before anything is closed
         if getattr(self, "_closed", True):
             return
         self._closed = True
         _OPEN_POOLS.discard(self)
-        self._core.close(float(grace))
+        self._core.close(2.0 if grace is None else grace)
 
     def __enter__(self):
         return self

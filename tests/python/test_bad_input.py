@@ -31,6 +31,13 @@ CASES = [
     ("gpuslot.WorkerPool(None, len, retries=-1)", "BadInput", "from 0 to 1024"),
     ("gpuslot.WorkerPool(None, len, strategy='x')", "BadInput", "expected most-free"),
     ("gpuslot.WorkerPool(None, len, gpus=5).map([1])", "BadInput", "needs as many GPUs, but 4 are visible"),
+    # Values Python's float() cannot hold, and types that are not lists, are bad input too.
+    ("gpuslot.select_best_gpu(10**400)", "BadInput", "expected a number of GiB from 0"),
+    ("gpuslot.resolve_device(min_free_memory_gb=10**400)", "BadInput", "expected a number of GiB from 0"),
+    ("gpuslot.lease(timeout=2**2000)", "BadInput", "expected seconds"),
+    ("gpuslot.WorkerPool(None, len, timeout=10**400)", "BadInput", "expected seconds"),
+    ("gpuslot.select_best_gpu(1, exclude_gpus=1.0)", "BadInput", "exclude_gpus"),
+    ("gpuslot.WorkerPool(None, len, strategy=None)", "BadInput", "expected most-free"),
 ]
 
 

@@ -343,3 +343,63 @@ print(json.dumps([(g["index"], g["memory"]["reserved"], [l["in_use"] for l in g[
     assert by_gpu[0] == [0, 1 << 30, [5 << 30]]  # 6 GiB reserved, 5 in use: 1 outstanding
     assert by_gpu[1] == [1, 1 << 30, [5 << 30]]
     assert by_gpu[2][2] == [] and by_gpu[3][2] == []
+
+
+def test_close_with_a_bad_grace_is_refused_and_the_pool_stays_usable(python_run, host, gpuslot):
+    host_path = host("4x24g")
+    out = python_run("""
+        import gpuslot
+        pool = gpuslot.WorkerPool(None, abs, mem="1G", gpus=2)
+        print(pool.map([-1, -2]))
+        for grace in (-1, float("nan"), "soon"):
+            try:
+                pool.close(grace=grace)
+            except gpuslot.BadInput as error:
+                print("refused", "grace" in str(error))
+        print(pool.map([-3]))
+        pool.close()
+        print(repr(pool))
+    """, host=host_path).stdout.splitlines()
+    assert out == ["[1, 2]", "refused True", "refused True", "refused True", "[3]", "<gpuslot.WorkerPool closed>"]
+    assert gpuslot("leases", "--json", host=host_path, check=0).stdout.count('"id"') == 0
+
+
+def test_a_result_that_cannot_be_unpickled_here_is_that_tasks_failure(python_run, host):
+    """The worker pickles what work returned; the pool's process cannot rebuild it. Only that
+    task fails (TaskFailed), in map and in submit; the other results are kept."""
+    out = python_run("""
+        import gpuslot
+
+        def rebuild(value):
+            raise RuntimeError("cannot rebuild %s here" % value)
+
+        class Unwelcome:
+            def __reduce__(self):
+                return (rebuild, ("it",))
+
+        def work(item):
+            return Unwelcome() if item == "bad" else item.upper()
+
+        class Unprintable(Exception):
+            def __str__(self):
+                raise RuntimeError("no message")
+
+        def fails(item):
+            raise Unprintable()
+
+        with gpuslot.WorkerPool(None, work, mem="1G", gpus=1) as pool:
+            results = pool.map(["ok", "bad", "fine"], return_exceptions=True)
+            print(results[0], type(results[1]).__name__, results[2])
+            print(results[1].index, "could not be unpickled" in str(results[1]), "cannot rebuild it" in str(results[1]))
+            try:
+                pool.submit("bad").result(timeout=30)
+            except gpuslot.TaskFailed as error:
+                print("submit", type(error.__cause__).__name__)
+        with gpuslot.WorkerPool(None, fails, mem="1G", gpus=1, retries=0) as pool:
+            try:
+                pool.map([1])
+            except gpuslot.TaskFailed as error:
+                print(repr(str(error)))
+    """, host="4x24g").stdout.splitlines()
+    assert out[:3] == ["OK TaskFailed FINE", "1 True True", "submit RuntimeError"], out
+    assert "Unprintable" in out[3] and "\\n" not in out[3], out
