@@ -149,14 +149,16 @@ class WorkerPool {
   bool failed_in_worker_init() const;
 
   // Stops the pool: queued tasks are cancelled, workers get end-of-input and up to `grace` to
-  // finish the task they run, then SIGKILL; leases are released. Idempotent.
+  // finish the task they run, then SIGKILL; leases are released. Idempotent. Called from a
+  // result callback (the pool's own thread), it starts the stop and returns: that thread
+  // finishes it once the callback is over, even when the pool itself is destroyed meanwhile.
   void close(std::chrono::milliseconds grace = std::chrono::milliseconds(2000));
 
   struct Impl;
 
  private:
-  explicit WorkerPool(std::unique_ptr<Impl> impl);
-  std::unique_ptr<Impl> impl_;
+  explicit WorkerPool(std::shared_ptr<Impl> impl);
+  std::shared_ptr<Impl> impl_;  // shared with the dispatcher thread, which may outlive this object
 };
 
 }  // namespace gpuslot

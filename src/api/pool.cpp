@@ -67,7 +67,7 @@ bool WorkerPool::Impl::failed() const {
 // ----- the public face -----
 
 
-WorkerPool::WorkerPool(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+WorkerPool::WorkerPool(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 WorkerPool::~WorkerPool() { close(); }
 
@@ -87,7 +87,7 @@ Result<std::unique_ptr<WorkerPool>> WorkerPool::create(PoolOptions options, Work
     if (!parsed) return std::move(parsed).error();
   }
   if (options.command.empty()) options.command = api::default_command("WorkerPool");
-  auto impl = std::make_unique<Impl>();
+  auto impl = std::make_shared<Impl>();
   impl->options = std::move(options);
   impl->program = std::move(program);
   impl->wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -116,7 +116,8 @@ Result<WorkerPool::TaskId> WorkerPool::submit(std::string payload, Callback on_d
       sigfillset(&blocked);
       for (int kept : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGTRAP}) sigdelset(&blocked, kept);
       pthread_sigmask(SIG_BLOCK, &blocked, &impl.creator_mask);
-      impl.dispatcher = std::thread([&impl] { impl.run(); });
+      // The thread keeps the pool's state alive: a result callback may destroy the pool.
+      impl.dispatcher = std::thread([keep = impl_] { keep->run(); });
       pthread_sigmask(SIG_SETMASK, &impl.creator_mask, nullptr);
     }
   }
@@ -137,6 +138,10 @@ Result<std::optional<TaskResult>> WorkerPool::wait(TaskId id, std::optional<std:
   if (auto result = taken()) return result;
   auto pending = impl.tasks.find(id);
   if (pending == impl.tasks.end()) return make_error(Errc::bad_input, "no task " + std::to_string(id) + " is waiting to be taken");
+  if (std::this_thread::get_id() == impl.dispatcher.get_id()) {
+    // The thread that would deliver the result is this one, busy in a result callback.
+    return make_error(Errc::bad_input, "a worker pool cannot be waited for from its own result callback");
+  }
   if (pending->second.on_done) return make_error(Errc::bad_input, "task " + std::to_string(id) + " reports to its callback");
   auto done = [&] { return impl.finished.count(id) != 0; };
   if (timeout) {
@@ -206,6 +211,10 @@ void WorkerPool::close(std::chrono::milliseconds grace) {
     impl.stop = true;
   }
   impl.wake();
+  if (impl.dispatcher.get_id() == std::this_thread::get_id()) {
+    impl.dispatcher.detach();  // in a result callback: the dispatcher stops once it returns
+    return;
+  }
   if (impl.dispatcher.joinable()) impl.dispatcher.join();
   // Tasks queued but never dispatched (no dispatcher ran) are cancelled too.
   std::vector<Delivery> late;

@@ -403,3 +403,48 @@ def test_a_result_that_cannot_be_unpickled_here_is_that_tasks_failure(python_run
     """, host="4x24g").stdout.splitlines()
     assert out[:3] == ["OK TaskFailed FINE", "1 True True", "submit RuntimeError"], out
     assert "Unprintable" in out[3] and "\\n" not in out[3], out
+
+
+def test_a_result_callback_may_close_the_pool_drop_it_but_not_wait_for_it(python_run, host, gpuslot):
+    """Callbacks run on the pool's own thread. The last reference to a pool dropped there (a
+    closure), or close() called there, must stop the pool, not abort the interpreter; map()
+    there cannot be served (that thread is the one that delivers) and says so."""
+    host_path = host("4x24g")
+    out = python_run("""
+        import threading, time, gpuslot
+
+        said = []
+        finished = threading.Event()
+
+        def dropped_in_its_callback():
+            pool = gpuslot.WorkerPool(None, abs, mem="1G", gpus=1)
+            pool.submit(-1).add_done_callback(lambda future: (said.append(("dropped", future.result(), repr(pool))),
+                                                               finished.set()))
+
+        dropped_in_its_callback()
+        assert finished.wait(30)
+        finished.clear()
+
+        pool = gpuslot.WorkerPool(None, abs, mem="1G", gpus=1)
+
+        def in_callback(future):
+            try:
+                pool.map([1])
+            except gpuslot.BadInput as error:
+                said.append(("map", str(error)))
+            pool.close()
+            said.append(("closed", repr(pool)))
+            finished.set()
+
+        pool.submit(-2).add_done_callback(in_callback)
+        assert finished.wait(30)
+        time.sleep(1)
+        for entry in said:
+            print(entry)
+    """, host=host_path, timeout=60)
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("('dropped', 1, '<gpuslot.WorkerPool"), out
+    assert lines[1] == "('map', 'a worker pool cannot be waited for from its own result callback')", out
+    assert lines[2] == "('closed', '<gpuslot.WorkerPool closed>')", out
+    wait_until(lambda: '"id"' not in gpuslot("leases", "--json", host=host_path, check=0).stdout, timeout=10,
+               what="the pools' leases to be released")
