@@ -159,16 +159,23 @@ gpuslot::GpuLease acquire(std::uint64_t memory_bytes, unsigned gpus, const std::
   if (wait) {
     if (!on_pending.is_none()) {
       SharedObject callback = share(on_pending);
-      request.on_pending = [callback](const std::string& reason) {
+      request.on_pending = [callback, &interrupted](const std::string& reason) {
         Gil gil;
         try {
           (*callback)(text_of(reason));
         } catch (py::error_already_set& e) {
-          e.discard_as_unraisable("gpuslot lease on_pending");
+          // Ctrl-C while the reason was being logged ends the wait like Ctrl-C at any other
+          // moment; an error of the logging itself must not.
+          if (!e.matches(PyExc_Exception)) {
+            e.restore();
+            interrupted = true;
+          } else {
+            e.discard_as_unraisable("gpuslot lease on_pending");
+          }
         }
       };
     }
-    request.cancelled = [&interrupted] { return interrupted = python_interrupted(); };
+    request.cancelled = [&interrupted] { return interrupted || (interrupted = python_interrupted()); };
   }
   gpuslot::Explanation explanation;
   gpuslot::Result<gpuslot::GpuLease> lease = gpuslot::make_error(gpuslot::Errc::internal, "not run");

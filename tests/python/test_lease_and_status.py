@@ -201,6 +201,35 @@ def test_a_daemon_thread_waiting_for_a_lease_lets_the_interpreter_exit(python_sp
         assert (out.returncode, out.stdout) == (0, "main exits\n"), out.stderr
 
 
+def test_ctrl_c_while_the_pending_reason_is_logged_still_interrupts(python_spawn, python_run, host):
+    host_path = host("1x4090")
+    holder = python_spawn("""
+        import time, gpuslot
+        held = gpuslot.lease(mem="20G")
+        print("holding", flush=True)
+        time.sleep(60)
+    """, host_path)
+    wait_until(lambda: "holding" in holder.stdout_text(), what="the holder")
+    out = python_run("""
+        import logging, os, signal, threading, time, gpuslot
+
+        class SlowHandler(logging.Handler):  # a handler that ships records somewhere slow
+            def emit(self, record):
+                time.sleep(2)
+
+        logging.getLogger("gpuslot").addHandler(SlowHandler())
+        logging.getLogger("gpuslot").setLevel(logging.INFO)
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # during the "waiting:" record
+        began = time.monotonic()
+        try:
+            gpuslot.lease(mem="20G", timeout=20)
+        except KeyboardInterrupt:
+            print("interrupted after %.0f s" % (time.monotonic() - began))
+    """, host=host_path, timeout=60)
+    words = out.stdout.split()
+    assert words[:2] == ["interrupted", "after"] and int(words[2]) < 10, out
+
+
 def test_lease_restricted_to_a_device(python_run, host):
     out = python_run("""
         import gpuslot
