@@ -84,7 +84,7 @@ std::size_t release_held_leases() { return api::release_process_holds(); }
 Result<GpuLease> acquire_lease(const LeaseRequest& request, Explanation* explanation) {
   try {
     if (request.gpus == 0 || request.gpus > 1024) {
-      return make_error(Errc::bad_input, "invalid GPU count " + std::to_string(request.gpus) + ": expected 1 or more");
+      return make_error(Errc::bad_input, "invalid GPU count " + std::to_string(request.gpus) + ": expected 1 to 1024");
     }
     if (request.max_utilization && *request.max_utilization > 100) {
       return make_error(Errc::bad_input, "invalid maximum utilization " + std::to_string(*request.max_utilization) +

@@ -74,7 +74,7 @@ WorkerPool::~WorkerPool() { close(); }
 Result<std::unique_ptr<WorkerPool>> WorkerPool::create(PoolOptions options, WorkerProgram program) {
   if (!program.work) return make_error(Errc::bad_input, "a worker pool needs a work function");
   if (options.workers && (*options.workers == 0 || *options.workers > 1024)) {
-    return make_error(Errc::bad_input, "invalid number of workers " + std::to_string(*options.workers) + ": expected 1 or more");
+    return make_error(Errc::bad_input, "invalid number of workers " + std::to_string(*options.workers) + ": expected 1 to 1024");
   }
   if (options.retries > 1000) {
     return make_error(Errc::bad_input, "invalid retries " + std::to_string(options.retries) + ": expected 0 to 1000");

@@ -10,14 +10,14 @@ namespace {
 
 struct LeasesOptions {
   bool json = false;
-  std::string release;
+  std::optional<std::string> release;  // given, even empty: release (an empty id is refused)
 };
 
 void run_leases(Context& context, const LeasesOptions& options) {
   Ledger* ledger = value_or_throw(context.ledger());
-  if (!options.release.empty()) {
-    if (auto released = ledger->release(options.release); !released) throw CommandError(released.error());
-    std::printf("released %s\n", options.release.c_str());
+  if (options.release) {
+    if (auto released = ledger->release(*options.release); !released) throw CommandError(released.error());
+    std::printf("released %s\n", options.release->c_str());
     return;
   }
   std::vector<std::string> warnings;
@@ -28,7 +28,11 @@ void run_leases(Context& context, const LeasesOptions& options) {
   if (snapshot) Ledger::outstanding(leases, *snapshot);
   if (options.json) {
     nlohmann::json list = nlohmann::json::array();
-    for (const auto& lease : leases) list.push_back(lease_json(lease));
+    for (const auto& lease : leases) {
+      nlohmann::json entry = lease_json(lease);
+      if (!snapshot) entry["in_use"] = nullptr;  // unknown without NVML, as the table's "?"
+      list.push_back(std::move(entry));
+    }
     std::printf("%s\n", json_text(nlohmann::json{{"state_dir", ledger->directory()}, {"leases", list}}).c_str());
     return;
   }

@@ -22,22 +22,37 @@ void RequirementOptions::add_to(CLI::App& command) {
 
 std::string default_reservation() {
   const char* configured = std::getenv("GPUSLOT_DEFAULT_MEM");
-  return configured != nullptr && *configured != '\0' ? configured : "2G";
+  if (configured == nullptr || *configured == '\0') return "2G";
+  // Checked here, so that the error names the variable rather than a --mem nobody typed.
+  if (auto parsed = parse_size_bytes(configured); !parsed) {
+    throw CommandError(make_error(Errc::bad_input, "GPUSLOT_DEFAULT_MEM: " + parsed.error().message));
+  }
+  return configured;
 }
+
+namespace {
+
+// A whole number from `least` to `most` given to `flag`; the option is read as text so that "-1"
+// or "lots" get this message rather than the parser's "Could not convert".
+unsigned whole_number(const std::string& text, const char* flag, unsigned least, unsigned most, const char* accepted) {
+  unsigned long value = 0;
+  const bool digits = !text.empty() && text.size() <= 9 && text.find_first_not_of("0123456789") == std::string::npos;
+  if (digits) value = std::stoul(text);
+  if (!digits || value < least || value > most) {
+    throw CommandError(make_error(Errc::bad_input, std::string("invalid ") + flag + " '" + text + "': expected " + accepted));
+  }
+  return unsigned(value);
+}
+
+}  // namespace
 
 Requirements RequirementOptions::to_requirements() const {
   Requirements requirements;
   if (mem) requirements.memory_bytes = value_or_throw(parse_size_bytes(*mem));
-  if (gpus == 0 || gpus > 1024) {
-    throw CommandError(make_error(Errc::bad_input, "invalid --gpus " + std::to_string(gpus) + ": expected 1 or more"));
-  }
-  requirements.gpu_count = gpus;
+  requirements.gpu_count = whole_number(gpus, "--gpus", 1, 1024, "a whole number from 1 to 1024");
   if (!exclude.empty()) requirements.exclude = value_or_throw(parse_exclude_list(exclude));
   requirements.strategy = value_or_throw(parse_strategy(strategy));
-  if (max_util && *max_util > 100) {
-    throw CommandError(make_error(Errc::bad_input, "invalid --max-util " + std::to_string(*max_util) + ": expected a percent, 0 to 100"));
-  }
-  requirements.max_utilization = max_util;
+  if (max_util) requirements.max_utilization = whole_number(*max_util, "--max-util", 0, 100, "a percent, 0 to 100");
   return requirements;
 }
 
@@ -57,18 +72,20 @@ std::string shell_quote(const std::string& value) {
 struct PickOptions {
   RequirementOptions requirements;
   std::string format = "index";
-  std::string hold;
+  std::optional<std::string> hold;  // given, even empty: hold (an empty or zero one is refused)
   bool explain = false;
 };
 
-void run_pick(Context& context, const PickOptions& options) {
+void run_pick(Context& context, PickOptions options) {
+  // A hold reserves, so without --mem it reserves what `run` would.
+  if (options.hold && !options.requirements.mem) options.requirements.mem = default_reservation();
   const Requirements requirements = options.requirements.to_requirements();
   if (options.format != "index" && options.format != "uuid" && options.format != "env" && options.format != "json") {
     throw CommandError(make_error(Errc::bad_input, "invalid --format '" + options.format + "': expected index, uuid, env or json"));
   }
   Snapshot snapshot;
   Decision decision;
-  if (options.hold.empty()) {
+  if (!options.hold) {
     snapshot = value_or_throw(context.snapshot());
     decision = value_or_throw(select_gpus(requirements, snapshot,
                                           restrict_to_device(options.requirements.device, snapshot, context.visibility(snapshot)),
@@ -79,10 +96,14 @@ void run_pick(Context& context, const PickOptions& options) {
     // in the calling shell's process tree.
     ReserveRequest request;
     request.requirements = requirements;
-    request.hold = value_or_throw(parse_duration(options.hold));
+    request.hold = value_or_throw(parse_duration(*options.hold));
+    if (request.hold->count() <= 0) {
+      throw CommandError(make_error(Errc::bad_input, "invalid --hold '" + *options.hold +
+                                                         "': expected a duration above zero, such as 60s or 10m"));
+    }
     request.owner_pid = ::getppid();
     request.owner_session = ::getsid(0);
-    request.command = "pick --hold " + options.hold;
+    request.command = "pick --hold " + *options.hold;
     Ledger* ledger = value_or_throw(context.ledger());
     std::vector<std::string> warnings;
     Reservation reservation = value_or_throw(ledger->reserve(
@@ -91,7 +112,7 @@ void run_pick(Context& context, const PickOptions& options) {
     for (const auto& warning : warnings) print_warning(context, warning);
     snapshot = std::move(reservation.snapshot);
     decision = std::move(reservation.decision);
-    if (reservation.lease) std::fprintf(stderr, "gpuslot: holding lease %s for %s\n", reservation.lease->record().id.c_str(), options.hold.c_str());
+    if (reservation.lease) std::fprintf(stderr, "gpuslot: holding lease %s for %s\n", reservation.lease->record().id.c_str(), options.hold->c_str());
   }
   const Visibility visibility = context.visibility(snapshot);  // ordinals as this process numbers them
 

@@ -13,10 +13,10 @@ namespace gpuslot::cli {
 
 struct RequirementOptions {
   std::optional<std::string> mem;
-  unsigned gpus = 1;
+  std::string gpus = "1";  // text: to_requirements checks it, with a message that says what is accepted
   std::string exclude;
   std::string strategy = "most-free";
-  std::optional<unsigned> max_util;
+  std::optional<std::string> max_util;
   std::string device;  // restrict to one device spec (cuda:N, GPU-…)
 
   void add_to(CLI::App& command);

@@ -26,6 +26,13 @@ CASES = [
     ("max_util", ["pick", "--max-util", "150"], {}, "150"),
     ("max_util_word", ["pick", "--max-util", "high"], {}, "high"),
     ("hold_duration", ["pick", "--hold", "5x"], {}, "5x"),
+    ("hold_empty", ["pick", "--hold", ""], {}, "''"),
+    ("hold_zero", ["pick", "--mem", "1G", "--hold", "0"], {}, "0"),
+    ("gpus_too_many", ["pick", "--gpus", "2000"], {}, "2000"),
+    ("gpus_huge", ["pick", "--gpus", "99999999999"], {}, "99999999999"),
+    ("max_util_negative", ["pick", "--max-util", "-1"], {}, "-1"),
+    ("default_mem_env", ["run", "--", "true"], {"GPUSLOT_DEFAULT_MEM": "abc"}, "abc"),
+    ("release_empty_id", ["leases", "--release", ""], {}, "''"),
     ("pick_device_spec", ["pick", "--device", "gpu1"], {}, "gpu1"),
     ("pick_device_ordinal", ["pick", "--device", "cuda:9"], {}, "cuda:9"),
     ("pick_device_ambiguous_uuid", ["pick", "--device", "GPU-4"], {}, "GPU-4"),
@@ -106,3 +113,16 @@ def test_rejected_hold_leaves_no_lease(gpuslot, state_dir):
         result = gpuslot("pick", "--hold", "60s", *args, host="8x4090")
         assert result.returncode in (1, 2) and result.stdout == ""
         assert not state_dir.exists() or not list(state_dir.glob("lease-*")), args
+
+
+@pytest.mark.parametrize("args,env,accepted", [
+    (["pick", "--gpus", "-1"], {}, "expected a whole number from 1 to 1024"),
+    (["pick", "--gpus", "2000"], {}, "expected a whole number from 1 to 1024"),
+    (["run", "--gpus", "lots", "--", "true"], {}, "expected a whole number from 1 to 1024"),
+    (["pick", "--max-util", "-1"], {}, "expected a percent, 0 to 100"),
+    (["run", "--", "true"], {"GPUSLOT_DEFAULT_MEM": "abc"}, "GPUSLOT_DEFAULT_MEM: invalid size 'abc'"),
+    (["pick", "--hold", "0"], {}, "expected a duration above zero"),
+])
+def test_the_message_says_what_is_accepted(gpuslot, args, env, accepted):
+    result = gpuslot(*args, host="8x4090", env=env)
+    assert result.returncode == 2 and accepted in result.stderr, result.stderr

@@ -292,6 +292,22 @@ def test_lease_file_owned_by_another_user_than_it_claims_is_ignored(gpuslot, hos
 # --- pick --hold --------------------------------------------------------------------------------
 
 
+def test_pick_hold_without_mem_reserves_the_default(gpuslot, host):
+    host_path = host("4x24g")
+    gpuslot("pick", "--hold", "30s", host=host_path, env={"GPUSLOT_DEFAULT_MEM": "3G"})
+    (lease,) = leases(gpuslot, host_path)
+    assert lease["reserved"] == 3 * GiB
+
+
+def test_in_use_is_null_in_leases_json_without_nvml(gpuslot, host):
+    host_path = host("4x24g")
+    gpuslot("pick", "--mem", "1G", "--hold", "30s", host=host_path)
+    (lease,) = json.loads(gpuslot("leases", "--json", host=None).stdout)["leases"]  # no driver: no in-use figure
+    assert lease["in_use"] is None and lease["reserved"] == GiB
+    (lease,) = leases(gpuslot, host_path)
+    assert lease["in_use"] == 0
+
+
 def test_pick_hold_lease_outlives_pick_and_expires(gpuslot, host):
     host_path = host("1x4090")
     began = time.time()
