@@ -2,8 +2,11 @@
 //
 // Each waiter holds a ticket file (wait-<ns>-<pid>.ticket) flock'ed for as long as it waits, so
 // a waiter that dies leaves the queue at once, like a lease. Tickets are named by the time they
-// were taken under the host lock, so names sort in arrival order; only the first live ticket may
-// reserve (no launch overtakes an earlier one, so a big request is never starved by small ones).
+// were taken under the host lock, so names sort in arrival order. A ticket lists the GPUs its
+// waiter could use (visible to it, not excluded: one UUID a line). A waiter may reserve only on
+// GPUs that no earlier waiter could use: no launch overtakes an earlier one where that one could
+// go, so a big request is never starved by small ones, and a waiter limited to GPU 0 holds up
+// nobody who waits for GPU 2. A ticket that lists nothing (unreadable) stands for every GPU.
 // Waiters sleep on inotify events of the state directory — a lease released or a ticket gone is
 // a file removed — and at the latest every kPollInterval, since memory freed by processes
 // outside gpuslot produces no file event.
@@ -20,7 +23,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <set>
+#include <string_view>
 
+#include "common/fd_io.hpp"
 #include "lease/internal.hpp"
 
 namespace gpuslot {
@@ -65,9 +71,31 @@ bool is_stopped(pid_t pid) {
   return close != nullptr && close[1] == ' ' && (close[2] == 'T' || close[2] == 't');
 }
 
-// Live tickets in arrival order (full paths); dead ones are removed where this user may.
-std::vector<std::string> live_tickets(const std::string& directory) {
-  std::vector<std::string> tickets;
+struct QueuedTicket {
+  std::string path;
+  std::vector<std::string> gpus;  // the UUIDs its waiter could use; empty: any GPU
+};
+
+// The GPUs a ticket lists (one UUID a line); empty when it lists none or cannot be read.
+std::vector<std::string> gpus_of_ticket(int fd) {
+  char text[16384];
+  const ssize_t n = ::pread(fd, text, sizeof text, 0);
+  std::vector<std::string> gpus;
+  if (n <= 0 || std::size_t(n) == sizeof text) return gpus;  // nothing, or more than any host has
+  std::string_view rest(text, std::size_t(n));
+  while (!rest.empty()) {
+    const auto end = rest.find('\n');
+    const std::string_view line = rest.substr(0, end);
+    if (!line.empty()) gpus.emplace_back(line);
+    if (end == std::string_view::npos) break;
+    rest.remove_prefix(end + 1);
+  }
+  return gpus;
+}
+
+// Live tickets in arrival order; dead ones are removed where this user may.
+std::vector<QueuedTicket> live_tickets(const std::string& directory) {
+  std::vector<QueuedTicket> tickets;
   DIR* dir = ::opendir(directory.c_str());
   if (dir == nullptr) return tickets;
   while (const dirent* entry = ::readdir(dir)) {
@@ -77,20 +105,36 @@ std::vector<std::string> live_tickets(const std::string& directory) {
     const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) continue;
     const bool live = is_locked_by_someone(fd);
-    ::close(fd);
     if (!live) {
       ::unlink(path.c_str());
     } else if (!is_stopped(pid_of_ticket(name))) {
       // A stopped waiter (Ctrl-Z, SIGSTOP) keeps its place but must not hold up the queue.
-      tickets.push_back(path);
+      tickets.push_back({path, gpus_of_ticket(fd)});
     }
+    ::close(fd);
   }
   ::closedir(dir);
-  std::sort(tickets.begin(), tickets.end());
+  std::sort(tickets.begin(), tickets.end(), [](const QueuedTicket& a, const QueuedTicket& b) { return a.path < b.path; });
   return tickets;
 }
 
-Result<void> take_ticket(const std::string& directory, Ticket& ticket) {
+// The GPUs this request could ever use in `snapshot`: visible to it, not excluded, readable —
+// whatever their memory and load now. Empty if that cannot be told (then it is queued for all).
+std::vector<std::string> usable_gpus(const ReserveRequest& request, const Snapshot& snapshot, const VisibilityOf& visibility_of) {
+  Requirements any = request.requirements;
+  any.memory_bytes = 0;
+  any.gpu_count = 1;
+  any.max_utilization.reset();
+  std::vector<std::string> gpus;
+  const auto decision = select_gpus(any, snapshot, visibility_of(snapshot), {});
+  if (!decision) return gpus;
+  for (const auto& verdict : decision->verdicts) {
+    if (verdict.eligible && verdict.nvml_index < snapshot.gpus.size()) gpus.push_back(snapshot.gpus[verdict.nvml_index].uuid);
+  }
+  return gpus;
+}
+
+Result<void> take_ticket(const std::string& directory, Ticket& ticket, const std::vector<std::string>& gpus) {
   timespec now{};
   ::clock_gettime(CLOCK_MONOTONIC, &now);  // one clock for the whole host, immune to clock steps
   char name[96];
@@ -104,6 +148,11 @@ Result<void> take_ticket(const std::string& directory, Ticket& ticket) {
     return make_error(Errc::state, "cannot queue in " + directory + ": " + why);
   }
   ::fchmod(fd, 0644);
+  std::string listed;
+  for (const auto& uuid : gpus) listed += uuid + "\n";
+  // Written under the host lock, before anyone can read it. A ticket whose list did not make it
+  // stands for every GPU, which only makes later waiters wait more.
+  if (!listed.empty()) fd_io::write_all(fd, listed.data(), listed.size());
   ticket.fd = fd;
   return {};
 }
@@ -128,7 +177,8 @@ Result<Reservation> Ledger::reserve_waiting(const ReserveRequest& request, const
 
   Ticket ticket;
   bool announced = false;
-  bool was_first = true;  // a waiter that was first last time will likely decide again: snapshot early
+  bool was_first = true;  // a waiter that tried last time will likely decide again: snapshot early
+  std::vector<std::string> usable;  // the GPUs this waiter could use (its ticket lists them)
   const LeaseRecord identity = holder_identity(request);
   // Each attempt reads the leases afresh (a lease whose holder died since the last attempt must
   // stop counting), but a corrupt or unsafe file is reported once per command, not per attempt.
@@ -155,29 +205,66 @@ Result<Reservation> Ledger::reserve_waiting(const ReserveRequest& request, const
     {
       auto lock = HostLock::acquire(directory_);
       if (!lock) return lock.error();
-      const std::vector<std::string> tickets = live_tickets(directory_);
+      const std::vector<QueuedTicket> tickets = live_tickets(directory_);
       const auto ahead = static_cast<std::size_t>(
-          ticket.fd < 0 ? tickets.size() : std::find(tickets.begin(), tickets.end(), ticket.name) - tickets.begin());
-      was_first = ahead == 0;
-      if (ahead == 0 || !announced) {
-        if (!early) {  // became first while queued: read the GPUs now, under the lock
-          auto snapshot = snapshot_source();
-          if (!snapshot) return std::move(snapshot).error();
-          early = std::move(*snapshot);
-        }
-        auto attempt = reserve_locked(*this, request, identity, std::move(*early), visibility_of, /*take=*/ahead == 0,
-                                      view, &attempt_warnings);
+          ticket.fd < 0 ? tickets.size()
+                        : std::find_if(tickets.begin(), tickets.end(), [&](const QueuedTicket& t) { return t.path == ticket.name; }) -
+                              tickets.begin());
+      // GPUs a waiter ahead could use: not ours to take. `all_taken`: one of them could use any.
+      std::set<std::string> taken_ahead;
+      bool all_taken = false;
+      for (std::size_t k = 0; k < ahead && k < tickets.size(); ++k) {
+        if (tickets[k].gpus.empty()) all_taken = true;
+        taken_ahead.insert(tickets[k].gpus.begin(), tickets[k].gpus.end());
+      }
+      auto some_left_for = [&](const std::vector<std::string>& gpus) {
+        return ahead == 0 || (!all_taken && std::any_of(gpus.begin(), gpus.end(), [&](const std::string& uuid) {
+                                return taken_ahead.count(uuid) == 0;
+                              }));
+      };
+      bool some_left = some_left_for(usable);
+      if (!early && (!announced || some_left || (usable.empty() && !all_taken))) {
+        auto snapshot = snapshot_source();  // may take (or describe) now: read the GPUs, under the lock
+        if (!snapshot) return std::move(snapshot).error();
+        early = std::move(*snapshot);
+      }
+      if (usable.empty() && early) {
+        usable = usable_gpus(request, *early, visibility_of);
+        some_left = some_left_for(usable);
+      }
+      was_first = some_left;
+      if (!announced && ahead > 0) {
+        // Why this launch waits, for the message: the whole request, taking nothing. It also
+        // refuses, here as for the first in line, what waiting cannot help.
+        auto described = reserve_locked(*this, request, identity, some_left ? *early : std::move(*early), visibility_of,
+                                        /*take=*/false, view, &attempt_warnings);
         pass_on_warnings();
-        if (!attempt) return attempt;
-        if (attempt->lease || attempt->decision.impossible) return attempt;  // got it, or waiting cannot help
-        pending = attempt->decision.summary;
+        if (!described || described->decision.impossible) return described;
+        pending = described->decision.summary;
+      }
+      if (some_left) {
+        ReserveRequest narrowed = request;  // kept off the GPUs the waiters ahead could use
+        for (const auto& uuid : taken_ahead) {
+          if (early->find_uuid(uuid) != nullptr) narrowed.requirements.exclude.push_back(uuid);
+        }
+        auto attempt = reserve_locked(*this, narrowed, identity, std::move(*early), visibility_of, /*take=*/true, view,
+                                      &attempt_warnings);
+        pass_on_warnings();
+        if (ahead == 0) {
+          if (!attempt || attempt->lease || attempt->decision.impossible) return attempt;  // got it, or waiting cannot help
+          pending = attempt->decision.summary;
+        } else if (attempt && attempt->lease) {
+          return attempt;
+        }
+        // Ahead of others: without their GPUs the request may not fit, or not even look possible
+        // (too few GPUs left): it waits for them.
       }
       if (ahead > 0) {
         if (!pending.empty()) pending += "; ";
         pending += std::to_string(ahead) + (ahead == 1 ? " launch" : " launches") + " ahead";
       }
       if (ticket.fd < 0) {
-        if (auto taken = take_ticket(directory_, ticket); !taken) return taken.error();
+        if (auto taken = take_ticket(directory_, ticket, usable); !taken) return taken.error();
       }
     }
     pass_on_warnings();

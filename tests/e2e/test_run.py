@@ -286,6 +286,45 @@ def test_a_small_request_does_not_overtake_an_earlier_waiter(gpuslot, gpuslot_pa
     assert sorted(read_text(order).split()) == ["big", "small"], "the 1G launch started before the 10G one's lease"
 
 
+def test_a_waiter_is_not_held_up_by_one_that_cannot_use_its_gpus(gpuslot, spawn, host, tmp_path):
+    """GPU 0 is full and a launch limited to GPU 0 waits for it. A later launch limited to GPU 2,
+    which is idle, starts at once: the earlier one could never use GPU 2."""
+    host_path = host("4x24g")
+    spawn("run", "--mem", "20G", "--device", "cuda:0", "--", "sleep", "60", host=host_path)
+    wait_for_leases(gpuslot, host_path, 1)
+    first = spawn("run", "--mem", "10G", "--wait", "--", "touch", tmp_path / "first", host=host_path,
+                  env={"CUDA_VISIBLE_DEVICES": "0"})
+    wait_waiting(first)
+    began = time.monotonic()
+    later = gpuslot("run", "--mem", "1G", "--wait", "30s", "--", "sh", "-c", 'echo "$CUDA_VISIBLE_DEVICES"',
+                    host=host_path, env={"CUDA_VISIBLE_DEVICES": "2"}, timeout=40)
+    assert later.returncode == 0 and later.stdout.strip() == "2", later.stderr
+    assert time.monotonic() - began < 5 and "waiting:" not in later.stderr, later.stderr
+    assert first.poll() is None and not (tmp_path / "first").exists()
+
+
+def test_a_waiter_does_not_take_a_gpu_an_earlier_waiter_could_use(gpuslot, gpuslot_path, spawn, host, tmp_path):
+    """Every GPU has 4 GiB left. An earlier launch waits for 10 GiB on any GPU; a later one limited
+    to GPU 2 would fit there now, but GPU 2 is one the earlier launch could get: it waits."""
+    host_path = host("4x24g")
+    go, order = tmp_path / "go", tmp_path / "order"
+    spawn("run", "--mem", "20G", "--gpus", "4", "--", "sh", "-c", 'while [ ! -e "$GO" ]; do sleep 0.02; done',
+          host=host_path, env={"GO": go})
+    wait_for_leases(gpuslot, host_path, 1)
+    big = spawn("run", "--mem", "10G", "--wait", "--", "sh", "-c", 'echo big >> "$ORDER"; sleep 1', host=host_path,
+                env={"ORDER": order})
+    wait_waiting(big)
+    small = spawn("run", "--mem", "1G", "--wait", "--", "sh", "-c", 'echo small >> "$ORDER"', host=host_path,
+                  env={"ORDER": order, "CUDA_VISIBLE_DEVICES": "2"})
+    wait_waiting(small)
+    assert "1 launch ahead" in small.stderr_text()
+    time.sleep(1)
+    assert not order.exists(), read_text(order)
+    go.touch()
+    assert big.wait(timeout=20) == 0 and small.wait(timeout=20) == 0
+    assert read_text(order).split() == ["big", "small"]
+
+
 def test_a_killed_waiter_leaves_the_queue(gpuslot, spawn, host, tmp_path):
     host_path = host("1x4090")
     go, started = tmp_path / "go", tmp_path / "started"
