@@ -69,7 +69,13 @@ bool WorkerPool::Impl::failed() const {
 
 WorkerPool::WorkerPool(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-WorkerPool::~WorkerPool() { close(); }
+WorkerPool::~WorkerPool() {
+  close();
+  // Destroyed in a result callback: the dispatcher thread is this one, and it finishes the stop
+  // once the callback returns, keeping the state alive (see submit); nobody is left to join it.
+  Impl& impl = *impl_;
+  if (std::this_thread::get_id() == impl.dispatcher_id && impl.dispatcher.joinable()) impl.dispatcher.detach();
+}
 
 Result<std::unique_ptr<WorkerPool>> WorkerPool::create(PoolOptions options, WorkerProgram program) {
   if (!program.work) return make_error(Errc::bad_input, "a worker pool needs a work function");
@@ -118,6 +124,7 @@ Result<WorkerPool::TaskId> WorkerPool::submit(std::string payload, Callback on_d
       pthread_sigmask(SIG_BLOCK, &blocked, &impl.creator_mask);
       // The thread keeps the pool's state alive: a result callback may destroy the pool.
       impl.dispatcher = std::thread([keep = impl_] { keep->run(); });
+      impl.dispatcher_id = impl.dispatcher.get_id();
       pthread_sigmask(SIG_SETMASK, &impl.creator_mask, nullptr);
     }
   }
@@ -138,7 +145,7 @@ Result<std::optional<TaskResult>> WorkerPool::wait(TaskId id, std::optional<std:
   if (auto result = taken()) return result;
   auto pending = impl.tasks.find(id);
   if (pending == impl.tasks.end()) return make_error(Errc::bad_input, "no task " + std::to_string(id) + " is waiting to be taken");
-  if (std::this_thread::get_id() == impl.dispatcher.get_id()) {
+  if (std::this_thread::get_id() == impl.dispatcher_id) {
     // The thread that would deliver the result is this one, busy in a result callback.
     return make_error(Errc::bad_input, "a worker pool cannot be waited for from its own result callback");
   }
@@ -202,6 +209,7 @@ bool WorkerPool::failed_in_worker_init() const {
 
 void WorkerPool::close(std::chrono::milliseconds grace) {
   Impl& impl = *impl_;
+  bool on_dispatcher = false;
   {
     std::lock_guard<std::mutex> lock(impl.mutex);
     if (!impl.closing) {
@@ -209,12 +217,12 @@ void WorkerPool::close(std::chrono::milliseconds grace) {
       impl.grace = grace;
     }
     impl.stop = true;
+    on_dispatcher = std::this_thread::get_id() == impl.dispatcher_id;
   }
   impl.wake();
-  if (impl.dispatcher.get_id() == std::this_thread::get_id()) {
-    impl.dispatcher.detach();  // in a result callback: the dispatcher stops once it returns
-    return;
-  }
+  // In a result callback: the dispatcher (this thread) stops once the callback returns; a later
+  // close() from another thread joins it as usual.
+  if (on_dispatcher) return;
   if (impl.dispatcher.joinable()) impl.dispatcher.join();
   // Tasks queued but never dispatched (no dispatcher ran) are cancelled too.
   std::vector<Delivery> late;

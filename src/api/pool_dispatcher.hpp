@@ -91,6 +91,7 @@ struct WorkerPool::Impl {
   TaskId next_id = 1;
   std::chrono::milliseconds grace{2000};
   std::thread dispatcher;
+  std::thread::id dispatcher_id;  // set (under `mutex`) when it starts; stays after a detach
   std::atomic<bool> stop{false};
   int wake_fd = -1;
   sigset_t creator_mask{};

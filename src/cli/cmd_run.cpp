@@ -24,10 +24,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <set>
 
 #include "cli/commands.hpp"
 #include "gpuslot/units.hpp"
@@ -49,7 +51,8 @@ struct RunOptions {
 volatile sig_atomic_t g_child = 0;
 // Signals forwarded to the child that are still to reach the processes below it (a bit each),
 // and a pipe that wakes the waiting loop for them: /proc cannot be walked in a signal handler.
-volatile sig_atomic_t g_for_the_tree = 0;
+std::atomic<int> g_for_the_tree{0};  // lock-free: set from the handler, taken whole by the loop
+static_assert(std::atomic<int>::is_always_lock_free);
 int g_wake[2] = {-1, -1};
 
 // What the job's processes get a signal for: the ones that end it. SIGUSR1/SIGUSR2 mean what the
@@ -65,7 +68,7 @@ void forward_signal(int signal_number, siginfo_t* info, void*) {
   const int saved = errno;
   ::kill(pid_t(g_child), signal_number);
   if (ends_the_job(signal_number)) {
-    g_for_the_tree = g_for_the_tree | (1 << signal_number);
+    g_for_the_tree.fetch_or(1 << signal_number);
     const char wake = 's';
     [[maybe_unused]] const ssize_t ignored = ::write(g_wake[1], &wake, 1);
   }
@@ -79,11 +82,13 @@ constexpr std::chrono::seconds kStopGrace{5};
 
 // Sends `signal_number` to every process below the child (twice over, for those forked while the
 // first pass was signalling), and to the child itself with `and_child`.
+// Each process gets the signal once: a second SIGINT or SIGTERM means "force quit" to many.
 void signal_job(pid_t child, int signal_number, bool and_child) {
   if (and_child) ::kill(child, signal_number);
+  std::set<pid_t> signalled{child};
   for (int pass = 0; pass < 2; ++pass) {
     for (pid_t pid : descendants_of(::getpid())) {
-      if (pid != child) ::kill(pid, signal_number);
+      if (signalled.insert(pid).second) ::kill(pid, signal_number);
     }
   }
 }
@@ -130,19 +135,25 @@ int wait_for_child(Context& context, pid_t child, const LeaseRecord& record, boo
     pid_t done = 0;
     while ((done = ::waitpid(-1, &status, WNOHANG)) > 0 && done != child) {
     }
+    // Signals forwarded to the child are due to the rest of the job too, also when the child
+    // has already died of one (a script dies at once; its children are ours now).
+    auto forward_to_the_tree = [&] {
+      if (const int pending = g_for_the_tree.exchange(0); pending != 0) {
+        for (int signal_number : kForwarded) {
+          if ((pending & (1 << signal_number)) != 0) signal_job(child, signal_number, false);
+        }
+      }
+    };
     if (done == child) {
+      g_child = 0;  // reaped: its pid may be anyone's now
       if (pidfd >= 0) ::close(pidfd);
+      forward_to_the_tree();
       if (kill_at) signal_job(child, SIGKILL, false);  // what is left of a job being stopped
       if (WIFEXITED(status)) return WEXITSTATUS(status);
       if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
       return 1;
     }
-    if (const int pending = g_for_the_tree; pending != 0) {
-      g_for_the_tree = 0;  // a signal arriving now sets its bit again and writes to the pipe
-      for (int signal_number : kForwarded) {
-        if ((pending & (1 << signal_number)) != 0) signal_job(child, signal_number, false);
-      }
-    }
+    forward_to_the_tree();
     if (kill_at && Clock::now() >= *kill_at) {
       signal_job(child, SIGKILL, true);
       kill_at = Clock::time_point::max();
@@ -216,12 +227,12 @@ void run_run(Context& context, RunOptions& options) {
   argv.push_back(nullptr);
 
   std::fflush(nullptr);
-  // Signals stay blocked from before the fork until the child's pid is known, so a SIGTERM sent
-  // at launch is delivered (and forwarded) afterwards instead of being lost.
   if (::pipe2(g_wake, O_CLOEXEC | O_NONBLOCK) != 0) {
     throw CommandError(make_error(Errc::state, std::string("cannot start the command: ") + std::strerror(errno)));
   }
   ::prctl(PR_SET_CHILD_SUBREAPER, 1);  // the job's orphans stay below us (see the top of this file)
+  // Signals stay blocked from before the fork until the child's pid is known, so a SIGTERM sent
+  // at launch is delivered (and forwarded) afterwards instead of being lost.
   const sigset_t forwarded = forwarded_set();
   sigset_t previous;
   sigprocmask(SIG_BLOCK, &forwarded, &previous);

@@ -103,6 +103,23 @@ bool python_finalizing() {
   for (;;) ::pause();
 }
 
+// py::gil_scoped_release for a wait that may outlive the interpreter (a daemon thread in
+// gpuslot.lease() at exit): taking the GIL back then would end the thread by unwinding, through
+// this destructor among others, which terminates the process; the thread parks instead.
+class GilReleased {
+ public:
+  GilReleased() : state_(PyEval_SaveThread()) {}
+  ~GilReleased() {
+    if (python_finalizing()) park_until_exit();
+    PyEval_RestoreThread(state_);
+  }
+  GilReleased(const GilReleased&) = delete;
+  GilReleased& operator=(const GilReleased&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
 // The GIL, from any thread (the raw PyGILState API, which both pybind11 and CPython honour).
 class Gil {
  public:
@@ -180,7 +197,7 @@ gpuslot::GpuLease acquire(std::uint64_t memory_bytes, unsigned gpus, const std::
   gpuslot::Explanation explanation;
   gpuslot::Result<gpuslot::GpuLease> lease = gpuslot::make_error(gpuslot::Errc::internal, "not run");
   {
-    py::gil_scoped_release released;
+    GilReleased released;
     lease = gpuslot::acquire_lease(request, &explanation);
   }
   if (interrupted) throw py::error_already_set();  // the KeyboardInterrupt PyErr_CheckSignals left
