@@ -129,21 +129,21 @@ int wait_for_child(Context& context, pid_t child, const LeaseRecord& record, boo
   bool warned = false;
   std::optional<Clock::time_point> kill_at;  // set once --enforce has sent SIGTERM
   const std::uint64_t allowed = record.reserved_bytes * record.gpu_uuids.size();
+  // Signals forwarded to the child are due to the rest of the job too, also when the child
+  // has already died of one (a script dies at once; its children are ours now).
+  auto forward_to_the_tree = [&] {
+    if (const int pending = g_for_the_tree.exchange(0); pending != 0) {
+      for (int signal_number : kForwarded) {
+        if ((pending & (1 << signal_number)) != 0) signal_job(child, signal_number, false);
+      }
+    }
+  };
   for (;;) {
     // Reap the child, and any orphan of the job that was handed to us (child subreaper).
     int status = 0;
     pid_t done = 0;
     while ((done = ::waitpid(-1, &status, WNOHANG)) > 0 && done != child) {
     }
-    // Signals forwarded to the child are due to the rest of the job too, also when the child
-    // has already died of one (a script dies at once; its children are ours now).
-    auto forward_to_the_tree = [&] {
-      if (const int pending = g_for_the_tree.exchange(0); pending != 0) {
-        for (int signal_number : kForwarded) {
-          if ((pending & (1 << signal_number)) != 0) signal_job(child, signal_number, false);
-        }
-      }
-    };
     if (done == child) {
       g_child = 0;  // reaped: its pid may be anyone's now
       if (pidfd >= 0) ::close(pidfd);

@@ -177,7 +177,7 @@ Result<Reservation> Ledger::reserve_waiting(const ReserveRequest& request, const
 
   Ticket ticket;
   bool announced = false;
-  bool was_first = true;  // a waiter that tried last time will likely decide again: snapshot early
+  bool tried_last_time = true;  // a waiter that tried last time will likely decide again: snapshot early
   std::vector<std::string> usable;  // the GPUs this waiter could use (its ticket lists them)
   const LeaseRecord identity = holder_identity(request);
   // Each attempt reads the leases afresh (a lease whose holder died since the last attempt must
@@ -196,7 +196,7 @@ Result<Reservation> Ledger::reserve_waiting(const ReserveRequest& request, const
     std::optional<Snapshot> early;
     // Leases read before the lock when the snapshot is (see Ledger::reserve); otherwise under it.
     LedgerView view{LeaseScan(directory_), {}, {}};
-    if (was_first) {
+    if (tried_last_time) {
       auto snapshot = snapshot_source();
       if (!snapshot) return std::move(snapshot).error();
       early = std::move(*snapshot);
@@ -232,7 +232,7 @@ Result<Reservation> Ledger::reserve_waiting(const ReserveRequest& request, const
         usable = usable_gpus(request, *early, visibility_of);
         some_left = some_left_for(usable);
       }
-      was_first = some_left;
+      tried_last_time = some_left;
       if (!announced && ahead > 0) {
         // Why this launch waits, for the message: the whole request, taking nothing. It also
         // refuses, here as for the first in line, what waiting cannot help.

@@ -8,6 +8,17 @@ import time
 from conftest import wait_until, read_host, write_host, leases
 
 
+def hold_room(python_spawn, host_path, gpus=1):
+    """A process holding a 20 GiB lease on `gpus` GPUs for a minute, once it holds it."""
+    holder = python_spawn("""
+        import time, gpuslot
+        held = gpuslot.lease(mem="20G", gpus=%d)
+        print("holding", flush=True)
+        time.sleep(120)
+    """ % gpus, host_path)
+    wait_until(lambda: "holding" in holder.stdout_text(), what="the holder")
+    return holder
+
 def test_lease_context_manager_gives_ordinals_uuids_and_indices(python_run, host, gpuslot):
     host_path = host("4x24g")
     uuids = [gpu["uuid"] for gpu in read_host(host_path)["gpus"]]
@@ -90,13 +101,7 @@ def test_lease_timeout_and_no_wait(python_run, host):
 
 def test_ctrl_c_interrupts_a_waiting_lease(python_spawn, host, gpuslot):
     host_path = host("1x4090")
-    holder = python_spawn("""
-        import time, gpuslot
-        held = gpuslot.lease(mem="20G")
-        print("holding", flush=True)
-        time.sleep(60)
-    """, host_path)
-    wait_until(lambda: "holding" in holder.stdout_text(), what="the holder")
+    hold_room(python_spawn, host_path)
     waiter = python_spawn("""
         import gpuslot
         print("waiting", flush=True)
@@ -116,13 +121,7 @@ def test_an_interrupted_wait_that_carries_on_leaves_the_queue(python_spawn, pyth
     """A notebook: Ctrl-C ends a waiting lease() and the kernel lives on. Its place in the queue
     must go with it, or every later waiter on the host (FIFO) waits behind a ghost."""
     host_path = host("1x4090")
-    holder = python_spawn("""
-        import time, gpuslot
-        held = gpuslot.lease(mem="20G")
-        print("holding", flush=True)
-        time.sleep(60)
-    """, host_path)
-    wait_until(lambda: "holding" in holder.stdout_text(), what="the holder")
+    hold_room(python_spawn, host_path)
     notebook = python_spawn("""
         import time, gpuslot
         print("waiting", flush=True)
@@ -180,13 +179,7 @@ def test_a_daemon_thread_waiting_for_a_lease_lets_the_interpreter_exit(python_sp
     process now and then (1 run in 6 to 40 here). Shutdown is held open by a slow __del__ so
     that the waiting thread polls while it lasts; the process must exit cleanly, every time."""
     host_path = host("4x24g")
-    holder = python_spawn("""
-        import time, gpuslot
-        held = gpuslot.lease(mem="20G", gpus=4)
-        print("holding", flush=True)
-        time.sleep(120)
-    """, host_path)
-    wait_until(lambda: "holding" in holder.stdout_text(), what="the holder")
+    hold_room(python_spawn, host_path, gpus=4)
     for _ in range(5):
         out = python_run("""
             import threading, time, gpuslot
@@ -203,13 +196,7 @@ def test_a_daemon_thread_waiting_for_a_lease_lets_the_interpreter_exit(python_sp
 
 def test_ctrl_c_while_the_pending_reason_is_logged_still_interrupts(python_spawn, python_run, host):
     host_path = host("1x4090")
-    holder = python_spawn("""
-        import time, gpuslot
-        held = gpuslot.lease(mem="20G")
-        print("holding", flush=True)
-        time.sleep(60)
-    """, host_path)
-    wait_until(lambda: "holding" in holder.stdout_text(), what="the holder")
+    hold_room(python_spawn, host_path)
     out = python_run("""
         import logging, os, signal, threading, time, gpuslot
 
