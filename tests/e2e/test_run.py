@@ -314,15 +314,18 @@ def test_a_waiter_does_not_take_a_gpu_an_earlier_waiter_could_use(gpuslot, gpusl
     big = spawn("run", "--mem", "10G", "--wait", "--", "sh", "-c", 'echo big >> "$ORDER"; sleep 1', host=host_path,
                 env={"ORDER": order})
     wait_waiting(big)
-    small = spawn("run", "--mem", "1G", "--wait", "--", "sh", "-c", 'echo small >> "$ORDER"', host=host_path,
-                  env={"ORDER": order, "CUDA_VISIBLE_DEVICES": "2"})
+    # Once the room frees both fit, so their commands may print in either order; what must hold is
+    # that the small one starts only after the big one's lease exists.
+    small = spawn("run", "--mem", "1G", "--wait", "--", "sh", "-c",
+                  '"$GPUSLOT" leases --json | grep -q \'"reserved": 10737418240\' && echo small >> "$ORDER"',
+                  host=host_path, env={"ORDER": order, "CUDA_VISIBLE_DEVICES": "2", "GPUSLOT": str(gpuslot_path)})
     wait_waiting(small)
     assert "1 launch ahead" in small.stderr_text()
     time.sleep(1)
     assert not order.exists(), read_text(order)
     go.touch()
     assert big.wait(timeout=20) == 0 and small.wait(timeout=20) == 0
-    assert read_text(order).split() == ["big", "small"]
+    assert sorted(read_text(order).split()) == ["big", "small"], "the GPU 2 launch started before the 10G one's lease"
 
 
 def test_a_killed_waiter_leaves_the_queue(gpuslot, spawn, host, tmp_path):
