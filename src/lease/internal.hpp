@@ -69,10 +69,12 @@ std::optional<LeaseRecord> read_canonical_lease(std::string_view text);
 // publishing a lease on some file systems (ext4 without a journal scans the inodes deleted in the
 // last minutes on every create: 0.35 ms a file on these machines after a busy hour), and the lock
 // should not be held for it. It is either
-// - a spare: the inode of one of this user's released leases, which HeldLease::release renamed to
-//   ".spare-<uid>-<8 hex>" in the same directory instead of deleting it, so that leases neither
-//   create nor delete inodes once a user has as many spares as it holds leases at once (and every
-//   rename stays within one directory, which takes no file-system-wide rename lock), or
+// - a spare: the inode of one of this user's released leases, kept under a name in the user's
+//   spare directory (spare_directory) instead of being deleted, so that leases neither create
+//   nor delete inodes once a user has as many spares as it holds leases at once. A spare keeps
+//   that name while it serves as a lease: publishing links it under the lease's name (only the
+//   state directory is changed under the host lock), and releasing unlinks the lease's name, which
+//   makes it a spare again. Its link count tells which it is: 1 free, 2 a lease's file. Or
 // - an O_TMPFILE file, which has no name.
 // Either way no reader looks at it until write_lease_file names it, complete and locked; it is
 // 0644 and flock'ed here (a spare still holds its old text, overwritten when published). An
@@ -81,11 +83,11 @@ std::optional<LeaseRecord> read_canonical_lease(std::string_view text);
 class PreparedLeaseInode {
  public:
   PreparedLeaseInode() = default;
-  // `spares`: names of this user's spares in `directory` (LeaseScan::spares or list_spares),
-  // tried from a random one on.
-  // `or_tmpfile` = false: a spare or nothing. `excluded`: inodes never to take as spares.
-  explicit PreparedLeaseInode(const std::string& directory, const std::vector<std::string>& spares = {},
-                              bool or_tmpfile = true, const std::vector<ino_t>& excluded = {});
+  // Lists this user's spares in `directory` (one readdir of the spare directory) and claims one,
+  // a few tried at random. `or_tmpfile` = false: a spare or nothing. `excluded`: inodes never to
+  // take as spares, e.g. those the state directory lists as leases, which are then not even
+  // opened (sorted saves a copy).
+  explicit PreparedLeaseInode(const std::string& directory, bool or_tmpfile = true, const std::vector<ino_t>& excluded = {});
   PreparedLeaseInode(PreparedLeaseInode&& other) noexcept
       : fd_(std::exchange(other.fd_, -1)), spare_(std::move(other.spare_)), spare_size_(other.spare_size_) {}
   PreparedLeaseInode& operator=(PreparedLeaseInode&& other) noexcept;
@@ -108,15 +110,26 @@ class PreparedLeaseInode {
   std::size_t spare_size_ = 0;
 };
 
-// The prefix of `uid`'s spares' names, and a fresh name for one. Anyone can create a file of such
-// a name in the sticky state directory; only one owned by `uid`, with no other name, is used.
-std::string spare_prefix(uid_t uid);
-std::string new_spare_name(uid_t uid);
-// The names of `uid`'s spares (one readdir; LeaseScan::refresh lists them on its way). Past
-// kMostSpares, trim_spares deletes the rest.
+// `uid`'s spare directory: "<directory>/.spares-<uid>", 0700 and owned by `uid`, so that nobody
+// else can name, open or lock a spare, and every launch of every other user lists the state
+// directory without them. Anyone can create a name in the sticky state directory, so it is used
+// only where it is a directory (not a symlink) owned by `uid`; where another user took the name,
+// that user's launches work without spares (a new inode per lease), nothing worse.
+std::string spare_directory(const std::string& directory, uid_t uid);
+// Opens it (creating it first with `create`): an fd, or -1 where it is missing or not as above.
+int open_spare_directory(const std::string& directory, uid_t uid, bool create);
+// A fresh name for a spare in it.
+std::string new_spare_name();
+// The names in `uid`'s spare directory (one readdir; -1 directory fd: none), but those of the
+// `excluded` inodes (sorted). Past kMostSpares names, trim_spares deletes some of the listed
+// (a few per call) and counts them off `names`.
+std::vector<std::string> list_spares(int spare_directory_fd, const std::vector<ino_t>& excluded);
 std::vector<std::string> list_spares(const std::string& directory, uid_t uid);
 inline constexpr std::size_t kMostSpares = 256;
-void trim_spares(int directory_fd, std::vector<std::string>& spares);
+void trim_spares(int spare_directory_fd, std::vector<std::string>& spares, std::size_t& names);
+// Where earlier versions kept a user's spares: ".spare-<uid>-<hex>" in the state directory
+// itself. LeaseScan deletes this user's on sight.
+std::string legacy_spare_prefix(uid_t uid);
 
 // Writes a lease file atomically (temp file + rename, replacing any file of the same id) and
 // returns its fd, flock'ed exclusively *before* it becomes visible, so no reader can ever see it
@@ -196,8 +209,8 @@ class LeaseScan {
   bool refresh(std::vector<std::string>* warnings, const Snapshot* published_after = nullptr);
   // What the latest refresh charged from names, by NVML index: bytes, in full.
   const OutstandingReservations& charged_by_name() const { return charged_by_name_; }
-  // The latest refresh's names of this user's spare lease inodes (see PreparedLeaseInode).
-  const std::vector<std::string>& spares() const { return spares_; }
+  // The inodes the latest refresh listed under lease names, sorted.
+  std::vector<ino_t> inodes() const;
 
   // The live leases as of the latest refresh, oldest first: copies, or the scan's own records
   // (valid until the next refresh; charge_leases fills their in_use_bytes).
@@ -226,7 +239,6 @@ class LeaseScan {
   std::size_t files_read_ = 0;
   std::size_t names_charged_ = 0;
   OutstandingReservations charged_by_name_;
-  std::vector<std::string> spares_;
 };
 
 // What select-and-reserve reads before the host lock, against the snapshot it will decide on.

@@ -418,57 +418,87 @@ Result<LeaseRecord> read_lease_document(const std::string& text) {
   }
 }
 
-std::string spare_prefix(uid_t uid) { return ".spare-" + std::to_string(uid) + "-"; }
+std::string spare_directory(const std::string& directory, uid_t uid) { return directory + "/.spares-" + std::to_string(uid); }
 
-std::string new_spare_name(uid_t uid) {
-  char tail[16];
-  std::snprintf(tail, sizeof tail, "%08x", unsigned(random_u32()));
-  return spare_prefix(uid) + tail;
+int open_spare_directory(const std::string& directory, uid_t uid, bool create) {
+  const std::string path = spare_directory(directory, uid);
+  int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0 && errno == ENOENT && create && (::mkdir(path.c_str(), 0700) == 0 || errno == EEXIST)) {
+    fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  }
+  if (fd < 0) return -1;
+  struct stat info {};
+  // Another user's directory under this name is not ours to use; our own, made under a umask that
+  // took the owner's bits or left others', is put right.
+  if (::fstat(fd, &info) != 0 || info.st_uid != uid ||
+      ((info.st_mode & 07777) != 0700 && ::fchmod(fd, 0700) != 0)) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
 }
 
-void trim_spares(int directory_fd, std::vector<std::string>& spares) {
-  // At most a few at a time: names planted by another user under this user's prefix cannot be
-  // deleted, and must not cost every launch a pass over all of them.
-  for (int tries = 0; spares.size() > kMostSpares; ++tries) {
-    if (tries == 8) {
-      spares.resize(kMostSpares);
-      break;
-    }
-    const int spare = ::openat(directory_fd, spares.back().c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+std::string new_spare_name() {
+  char name[16];
+  std::snprintf(name, sizeof name, "%08x", unsigned(random_u32()));
+  return name;
+}
+
+std::string legacy_spare_prefix(uid_t uid) { return ".spare-" + std::to_string(uid) + "-"; }
+
+void trim_spares(int spare_directory_fd, std::vector<std::string>& spares, std::size_t& names) {
+  // At most a few at a time, so that no launch pays for many.
+  for (int tries = 0; names > kMostSpares && !spares.empty() && tries < 8; ++tries) {
+    const int spare = ::openat(spare_directory_fd, spares.back().c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     struct stat info {};
-    // Only an unclaimed spare of this user's (another's is not ours to delete, nor can we).
-    if (spare >= 0 && ::fstat(spare, &info) == 0 && info.st_uid == ::geteuid() && ::flock(spare, LOCK_EX | LOCK_NB) == 0) {
-      ::unlinkat(directory_fd, spares.back().c_str(), 0);
+    // Only a free spare: not one serving as a lease (a second name), nor one a launch has claimed.
+    if (spare >= 0 && ::fstat(spare, &info) == 0 && info.st_nlink == 1 && ::flock(spare, LOCK_EX | LOCK_NB) == 0 &&
+        ::unlinkat(spare_directory_fd, spares.back().c_str(), 0) == 0) {
+      --names;
     }
     if (spare >= 0) ::close(spare);
     spares.pop_back();
   }
 }
 
-std::vector<std::string> list_spares(const std::string& directory, uid_t uid) {
+std::vector<std::string> list_spares(int spare_directory_fd, const std::vector<ino_t>& excluded) {
   std::vector<std::string> spares;
-  DIR* dir = ::opendir(directory.c_str());
-  if (dir == nullptr) return spares;
-  const std::string prefix = spare_prefix(uid);
-  while (const dirent* entry = ::readdir(dir)) {
-    if (std::string_view(entry->d_name).substr(0, prefix.size()) == prefix) spares.emplace_back(entry->d_name);
+  if (spare_directory_fd < 0) return spares;
+  // fdopendir takes over the descriptor it is given: a duplicate, so that the caller's stays open.
+  const int listed = ::fcntl(spare_directory_fd, F_DUPFD_CLOEXEC, 0);
+  DIR* dir = listed >= 0 ? ::fdopendir(listed) : nullptr;
+  if (dir == nullptr) {
+    if (listed >= 0) ::close(listed);
+    return spares;
   }
-  trim_spares(::dirfd(dir), spares);
+  std::size_t names = 0;
+  while (const dirent* entry = ::readdir(dir)) {
+    if (entry->d_name[0] == '.') continue;
+    ++names;
+    if (!std::binary_search(excluded.begin(), excluded.end(), entry->d_ino)) spares.emplace_back(entry->d_name);
+  }
   ::closedir(dir);
+  trim_spares(spare_directory_fd, spares, names);
+  return spares;
+}
+
+std::vector<std::string> list_spares(const std::string& directory, uid_t uid) {
+  const int fd = open_spare_directory(directory, uid, /*create=*/false);
+  auto spares = list_spares(fd, {});
+  if (fd >= 0) ::close(fd);
   return spares;
 }
 
 namespace {
 
-// Opens and claims one spare: this user's own regular file, with no other name (never one linked
-// in from elsewhere), whose text is a lease of this user's (a file of the user's own that another
-// user hard-linked under a spare's name is never written), not claimed by another launch
-// (flock), and still under that name once locked: another launch may have claimed, published and
-// unlocked it (a `pick --hold` lease is published unlocked) between our open and our lock. Not
-// one of `excluded` (a lease's own former inodes, see HeldLease::reassign). Then 0644. -1 if any
-// of that fails.
-int claim_spare(int directory_fd, const std::string& name, const std::vector<ino_t>& excluded, std::size_t& size) {
-  const int fd = ::openat(directory_fd, name.c_str(), O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+// Opens and claims one spare: a regular file with no other name (not one serving as a lease, nor
+// one linked elsewhere), not claimed by another launch (flock), and still under that name, still
+// with no other, once locked: another launch may have claimed and published it (a `pick --hold`
+// lease is published unlocked) between our open and our lock. Not one of `excluded` (a lease's
+// own former inodes, see HeldLease::reassign). Then 0644. -1 if any of that fails. Nobody but
+// this user can make a name in the spare directory, so its files are this user's own.
+int claim_spare(int spare_directory_fd, const std::string& name, const std::vector<ino_t>& excluded, std::size_t& size) {
+  const int fd = ::openat(spare_directory_fd, name.c_str(), O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) return -1;
   struct CloseUnlessKept {
     int fd;
@@ -481,15 +511,11 @@ int claim_spare(int directory_fd, const std::string& name, const std::vector<ino
     return -1;
   }
   struct stat named {};
-  if (::fstatat(directory_fd, name.c_str(), &named, AT_SYMLINK_NOFOLLOW) != 0 || named.st_ino != info.st_ino ||
+  if (::fstatat(spare_directory_fd, name.c_str(), &named, AT_SYMLINK_NOFOLLOW) != 0 || named.st_ino != info.st_ino ||
       named.st_dev != info.st_dev || named.st_nlink != 1) {
     return -1;
   }
-  std::string text(std::size_t(info.st_size), '\0');
-  const ssize_t n = ::pread(fd, text.data(), text.size(), 0);
-  text.resize(n > 0 ? std::size_t(n) : 0);
-  const auto record = from_json_text(text);
-  if (!record || record->uid != ::geteuid() || ((info.st_mode & 07777) != 0644 && ::fchmod(fd, 0644) != 0)) return -1;
+  if ((info.st_mode & 07777) != 0644 && ::fchmod(fd, 0644) != 0) return -1;
   size = std::size_t(info.st_size);
   file.fd = -1;
   return fd;
@@ -497,22 +523,34 @@ int claim_spare(int directory_fd, const std::string& name, const std::vector<ino
 
 }  // namespace
 
-PreparedLeaseInode::PreparedLeaseInode(const std::string& directory, const std::vector<std::string>& spares,
-                                       bool or_tmpfile, const std::vector<ino_t>& excluded) {
-  if (!spares.empty()) {
-    // Launches started together list the same spares: each starts at a random one, so that they
-    // rarely try to claim the same.
-    const std::uint32_t random = random_u32();
-    const int directory_fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    for (std::size_t i = 0; directory_fd >= 0 && i < spares.size() && i < 8; ++i) {
-      const std::string& name = spares[(random + i) % spares.size()];
-      fd_ = claim_spare(directory_fd, name, excluded, spare_size_);
+PreparedLeaseInode::PreparedLeaseInode(const std::string& directory, bool or_tmpfile, const std::vector<ino_t>& excluded) {
+  const int spare_directory_fd = open_spare_directory(directory, ::geteuid(), /*create=*/false);
+  if (spare_directory_fd >= 0) {
+    std::vector<std::string> spares;
+    if (std::is_sorted(excluded.begin(), excluded.end())) {
+      spares = list_spares(spare_directory_fd, excluded);
+    } else {
+      std::vector<ino_t> sorted = excluded;
+      std::sort(sorted.begin(), sorted.end());
+      spares = list_spares(spare_directory_fd, sorted);
+    }
+    // Launches started together list the same spares: each tries a few at random, so that they
+    // rarely try to claim the same (one that is taken is dropped from this launch's list).
+    std::uint32_t random = spares.empty() ? 0 : random_u32() | 1;
+    for (int tries = 0; !spares.empty() && tries < 32; ++tries) {
+      random ^= random << 13;  // xorshift32: a cheap sequence from one random draw
+      random ^= random >> 17;
+      random ^= random << 5;
+      const std::size_t at = random % spares.size();
+      fd_ = claim_spare(spare_directory_fd, spares[at], excluded, spare_size_);
       if (fd_ >= 0) {
-        spare_ = directory + "/" + name;
+        spare_ = spare_directory(directory, ::geteuid()) + "/" + spares[at];
         break;
       }
+      spares[at] = std::move(spares.back());
+      spares.pop_back();
     }
-    if (directory_fd >= 0) ::close(directory_fd);
+    ::close(spare_directory_fd);
     if (fd_ >= 0) return;
   }
   if (!or_tmpfile) return;
@@ -562,12 +600,18 @@ int publish_prepared(int fd, const std::string& spare, std::size_t spare_size, c
     ::close(fd);
     return -1;
   }
-  // Only a reassign (`replace`) replaces an existing name; lease ids are otherwise fresh. An
-  // O_TMPFILE file cannot be linked over a name, so a reassign without a spare takes the temp
-  // file path.
+  // Only a reassign (`replace`) replaces an existing name; lease ids are otherwise fresh. A spare
+  // is linked under the lease's name and keeps its own (see PreparedLeaseInode); a link cannot
+  // replace a name, so a reassign links it under a temporary name first and renames that over
+  // the lease's. An O_TMPFILE file cannot be linked over a name either, so a reassign without a
+  // spare takes the temp file path.
   int named;
-  if (!spare.empty()) {
-    named = ::renameat2(AT_FDCWD, spare.c_str(), AT_FDCWD, final_path.c_str(), replace ? 0 : RENAME_NOREPLACE);
+  if (!spare.empty() && !replace) {
+    named = ::link(spare.c_str(), final_path.c_str());
+  } else if (!spare.empty()) {
+    const std::string temporary = final_path.substr(0, final_path.rfind('/')) + "/.reassign-" + new_spare_name();
+    named = ::link(spare.c_str(), temporary.c_str());
+    if (named == 0 && (named = ::rename(temporary.c_str(), final_path.c_str())) != 0) ::unlink(temporary.c_str());
   } else if (replace) {
     named = -1;
   } else {
@@ -706,23 +750,28 @@ Result<void> HeldLease::reassign(pid_t holder_pid) {
   next.holder_pid = holder_pid;
   next.holder_start_ticks = *start_ticks;
   const std::string directory = record_.path.substr(0, record_.path.rfind('/'));
-  // The new file is a spare where this user has one; the old inode becomes one (a second name
-  // first, so that the rename below does not delete it), so a reassign creates no inode.
+  // The new file is a spare where this user has one; the old inode becomes one (it keeps its
+  // spare name, or is given one first, so that the rename below does not delete it), so a
+  // reassign creates no inode.
   // A name that points to one of its own former inodes again would pass, for a reader that still
   // holds that inode open from before, for the file it read then: never reuse those.
   struct stat current {};
-  if (::fstat(fd_, &current) == 0) former_inodes_.push_back(current.st_ino);
-  lease_internal::PreparedLeaseInode prepared(directory, lease_internal::list_spares(directory, ::geteuid()),
-                                              /*or_tmpfile=*/false, former_inodes_);
-  const std::string kept = directory + "/" + lease_internal::new_spare_name(::geteuid());
-  const bool keeping = prepared.is_spare() && ::link(record_.path.c_str(), kept.c_str()) == 0;
+  const bool known = ::fstat(fd_, &current) == 0;
+  if (known) former_inodes_.push_back(current.st_ino);
+  lease_internal::PreparedLeaseInode prepared(directory, /*or_tmpfile=*/false, former_inodes_);
+  std::string kept;  // the spare name given to the old inode here, if it had none
+  if (prepared.is_spare() && known && current.st_nlink == 1) {
+    const int spares = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
+    kept = lease_internal::spare_directory(directory, ::geteuid()) + "/" + lease_internal::new_spare_name();
+    if (spares < 0 || ::link(record_.path.c_str(), kept.c_str()) != 0) kept.clear();
+    if (spares >= 0) ::close(spares);
+  }
   auto fd = lease_internal::write_lease_file(directory, next, /*lock_it=*/true, &prepared, /*replace=*/true);
   if (!fd) {
-    if (keeping) ::unlink(kept.c_str());
+    if (!kept.empty()) ::unlink(kept.c_str());
     return make_error(Errc::state, "cannot reassign lease " + record_.id + " to pid " + std::to_string(holder_pid) +
                                        ": " + fd.error().message + "; it still names pid " + std::to_string(record_.holder_pid));
   }
-  if (keeping) ::fchmod(fd_, 0600);  // a spare now (see release)
   ::close(fd_);  // only now: until the rename above, this lock kept the old file live
   fd_ = *fd;
   record_ = std::move(next);
@@ -731,17 +780,21 @@ Result<void> HeldLease::reassign(pid_t holder_pid) {
 
 void HeldLease::release() {
   if (!record_.path.empty()) {
-    // Renamed or unlinked first, then unlocked: never visible unlocked. Kept as a spare for this
-    // user's next lease (PreparedLeaseInode) rather than deleted, and made 0600 once it is one
-    // (not before: other users would stop seeing a lease still under its name): nobody else can
-    // then open a spare, so nobody else can lock one and stall its reuse.
-    const std::string directory = record_.path.substr(0, record_.path.rfind('/'));
-    const std::string spare = directory + "/" + lease_internal::new_spare_name(::geteuid());
-    if (fd_ >= 0 && ::renameat2(AT_FDCWD, record_.path.c_str(), AT_FDCWD, spare.c_str(), RENAME_NOREPLACE) == 0) {
-      ::fchmod(fd_, 0600);
-    } else {
-      ::unlink(record_.path.c_str());
+    // The name goes first, then the lock: never visible unlocked. The inode is kept as a spare for
+    // this user's next lease (PreparedLeaseInode) rather than deleted: one that already has a
+    // spare name (it was one) only loses the lease's; one made new is moved to the spare
+    // directory.
+    struct stat info {};
+    const bool has_spare_name = fd_ >= 0 && ::fstat(fd_, &info) == 0 && info.st_nlink > 1;
+    bool moved = false;
+    if (!has_spare_name && fd_ >= 0) {
+      const std::string directory = record_.path.substr(0, record_.path.rfind('/'));
+      const int spares = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
+      moved = spares >= 0 && ::renameat2(AT_FDCWD, record_.path.c_str(), spares, lease_internal::new_spare_name().c_str(),
+                                         RENAME_NOREPLACE) == 0;
+      if (spares >= 0) ::close(spares);
     }
+    if (!moved) ::unlink(record_.path.c_str());
   }
   record_.path.clear();
   if (fd_ >= 0) ::close(fd_);

@@ -164,19 +164,20 @@ bool LeaseScan::refresh(std::vector<std::string>* warnings, const Snapshot* publ
   if (dir == nullptr) {
     seen_.clear();
     pinned_ = 0;
-    spares_.clear();
     return false;
   }
   ++generation_;
   charged_by_name_.clear();
-  spares_.clear();
-  const std::string my_spares = spare_prefix(::geteuid());
+  const std::string legacy_spares = legacy_spare_prefix(::geteuid());
   std::vector<std::string> tags;
   while (const dirent* entry = ::readdir(dir)) {
     const std::string_view name = entry->d_name;
     if (name[0] == '.') {
-      // Spares are wanted by the look before the lock only (the locked one never claims any).
-      if (published_after == nullptr && name.substr(0, my_spares.size()) == my_spares) spares_.emplace_back(name);
+      // This user's spares as earlier versions kept them: deleted by the look before the lock
+      // (spares live in spare_directory now). Nobody can lock one, or hold it as a lease.
+      if (published_after == nullptr && name.substr(0, legacy_spares.size()) == legacy_spares) {
+        ::unlinkat(::dirfd(dir), entry->d_name, 0);
+      }
       continue;
     }
     if (!is_lease_file_name(name)) continue;
@@ -218,7 +219,6 @@ bool LeaseScan::refresh(std::vector<std::string>* warnings, const Snapshot* publ
     }
     seen_.emplace(std::string(name), std::move(seen));
   }
-  trim_spares(::dirfd(dir), spares_);
   ::closedir(dir);
   std::erase_if(seen_, [this](const auto& entry) {  // names no longer listed; closes their files
     if (entry.second.listed_in == generation_) return false;
@@ -226,6 +226,14 @@ bool LeaseScan::refresh(std::vector<std::string>* warnings, const Snapshot* publ
     return true;
   });
   return true;
+}
+
+std::vector<ino_t> LeaseScan::inodes() const {
+  std::vector<ino_t> listed;
+  listed.reserve(seen_.size());
+  for (const auto& [name, seen] : seen_) listed.push_back(seen.inode);
+  std::sort(listed.begin(), listed.end());
+  return listed;
 }
 
 std::vector<LeaseRecord*> LeaseScan::live_records() {

@@ -174,7 +174,7 @@ LeaseRecord holder_identity(const ReserveRequest& request) {
 LedgerView view_before_lock(const std::string& directory, const Snapshot& snapshot, std::vector<std::string>* warnings) {
   LedgerView view{LeaseScan(directory), {}, {}, true};
   view.scan.refresh(warnings);
-  view.inode = PreparedLeaseInode(directory, view.scan.spares());
+  view.inode = PreparedLeaseInode(directory, /*or_tmpfile=*/true, view.scan.inodes());  // a spare serving as a lease is listed
   charge_leases(view.scan.live_records(), snapshot, view.facts);  // for the /proc facts it reads; redone under the lock
   return view;
 }

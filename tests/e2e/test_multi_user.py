@@ -8,6 +8,7 @@ tmp_path is private to root.
 """
 import json
 import os
+import stat
 import pwd
 import shutil
 import signal
@@ -224,21 +225,28 @@ def test_a_user_cannot_split_the_host_lock(shared, users):
 
 
 def test_released_leases_are_kept_as_spares_each_user_for_itself(shared, users):
-    # A finished `run` keeps its lease's inode as .spare-<uid>-… for that user's next lease; a file
-    # planted under another user's spare name is never used (nor written).
+    # A finished `run` keeps its lease's inode in .spares-<uid>/, a directory only that user can
+    # enter, for that user's next lease. A directory another user made under that name first is
+    # never used (nor written): that user's launches then work without spares.
     a_uid, b_uid = users["gpuslot-a"].pw_uid, users["gpuslot-b"].pw_uid
-    planted = shared.state / (".spare-%d-planted" % b_uid)
-    shared.python_as("gpuslot-a", "import sys, json; open(sys.argv[1], 'w').write('mine'); print(json.dumps(True))", planted)
+    taken = shared.state / (".spares-%d" % b_uid)
+    planted = taken / "planted"
+    shared.python_as("gpuslot-a", "import os, sys, json; os.mkdir(sys.argv[1], 0o777); os.chmod(sys.argv[1], 0o777); "
+                     "open(sys.argv[2], 'w').write('mine'); print(json.dumps(True))", taken, planted)
     for user in ("gpuslot-a", "gpuslot-b"):
-        shared.gpuslot(user, "run", "--mem", "1G", "--", "true", check=0)
-    spares = {}
-    for path in shared.state.iterdir():
-        if path.name.startswith(".spare-") and path != planted:
-            spares.setdefault(path.stat().st_uid, []).append(path)
-    assert {uid: len(paths) for uid, paths in spares.items()} == {a_uid: 1, b_uid: 1}
-    assert all(path.name.startswith(".spare-%d-" % uid) for uid, paths in spares.items() for path in paths)
+        assert shared.gpuslot(user, "run", "--mem", "1G", "--", "true", check=0).returncode == 0
+    mine = shared.state / (".spares-%d" % a_uid)
+    info = os.lstat(mine)
+    assert stat.S_ISDIR(info.st_mode) and info.st_uid == a_uid and stat.S_IMODE(info.st_mode) == 0o700
+    assert [path.stat().st_uid for path in mine.iterdir()] == [a_uid]
+    assert sorted(path.name for path in taken.iterdir()) == ["planted"], "b kept nothing in a's directory"
+    assert planted.read_text() == "mine"
     assert shared.leases("root") == []
-    inode = spares[b_uid][0].stat().st_ino
+
+    shared.python_as("gpuslot-a", "import shutil, sys, json; shutil.rmtree(sys.argv[1]); print(json.dumps(True))", taken)
+    assert shared.gpuslot("gpuslot-b", "run", "--mem", "1G", "--", "true", check=0).returncode == 0
+    spares = list(taken.iterdir())
+    assert len(spares) == 1 and spares[0].stat().st_uid == b_uid
+    inode = spares[0].stat().st_ino
     lease = shared.hold("gpuslot-b", "1G")
     assert os.stat(lease_file(shared.state, lease["id"])).st_ino == inode, "b's next lease is its spare"
-    assert planted.read_text() == "mine"

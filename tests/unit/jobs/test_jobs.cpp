@@ -341,11 +341,12 @@ pid_t wait_for_an_end(ShepherdPool& pool) {
   return 0;
 }
 
-// The spare a released lease file became (HeldLease::release renames it in its folder).
+// The spare a released lease file became (HeldLease::release keeps it in this user's spare
+// directory in its folder).
 std::string released_spare(const Folder& folder) {
-  for (const auto& name : folder.names()) {
-    if (name.rfind(".spare-" + std::to_string(::geteuid()) + "-", 0) == 0) return folder / name;
-  }
+  const std::filesystem::path spares = folder / (".spares-" + std::to_string(::geteuid()));
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(spares, error)) return entry.path().string();
   return "";
 }
 

@@ -526,12 +526,17 @@ std::string text_of(const std::filesystem::path& path) {
   return std::string(std::istreambuf_iterator<char>(file), {});
 }
 
+// This user's spare directory in `directory`, and the names in it (none if it does not exist).
+std::filesystem::path spare_directory_in(const std::filesystem::path& directory) {
+  return lease_internal::spare_directory(directory.string(), ::geteuid());
+}
 std::vector<std::string> spares_in(const std::filesystem::path& directory) {
-  std::vector<std::string> spares;
-  for (const auto& name : names_in(directory)) {
-    if (name.rfind(lease_internal::spare_prefix(::geteuid()), 0) == 0) spares.push_back(name);
-  }
-  return spares;
+  if (!std::filesystem::is_directory(spare_directory_in(directory))) return {};
+  return names_in(spare_directory_in(directory));
+}
+nlink_t links_of(const std::filesystem::path& path) {
+  struct stat info {};
+  return ::stat(path.c_str(), &info) == 0 ? info.st_nlink : 0;
 }
 
 TEST_F(LedgerTest, AReleasedLeasesInodeBecomesASpareAndThenTheNextLeasesFile) {
@@ -544,8 +549,10 @@ TEST_F(LedgerTest, AReleasedLeasesInodeBecomesASpareAndThenTheNextLeasesFile) {
   first->lease->release();
   ASSERT_TRUE(ledger.live_leases().empty()) << "released at once, as before";
   ASSERT_EQ(spares_in(directory_).size(), 1u) << "kept, not deleted";
-  EXPECT_EQ(names_in(directory_).size(), 1u) << "and nothing else";
-  EXPECT_EQ(inode_of(directory_ / spares_in(directory_)[0]), inode);
+  const auto spare = spare_directory_in(directory_) / spares_in(directory_)[0];
+  EXPECT_EQ(names_in(directory_), std::vector<std::string>{spare_directory_in(directory_).filename().string()})
+      << "and nothing else: no spare among the leases";
+  EXPECT_EQ(inode_of(spare), inode);
 
   ::mode_t old_umask = ::umask(077);
   auto second = reserve(ledger, 3 * kGiB, one_gpu());
@@ -553,7 +560,9 @@ TEST_F(LedgerTest, AReleasedLeasesInodeBecomesASpareAndThenTheNextLeasesFile) {
   ASSERT_TRUE(second.ok() && second->lease);
   const std::string path = second->lease->record().path;
   EXPECT_EQ(inode_of(path), inode) << "the spare was used, no inode made";
-  EXPECT_TRUE(spares_in(directory_).empty());
+  EXPECT_EQ(spares_in(directory_), std::vector<std::string>{spare.filename().string()})
+      << "it keeps its spare name while it is a lease's file";
+  EXPECT_EQ(links_of(path), 2u) << "which its link count tells";
   struct stat info {};
   ASSERT_EQ(::stat(path.c_str(), &info), 0);
   EXPECT_EQ(info.st_mode & 07777, 0644u);
@@ -578,6 +587,10 @@ TEST_F(LedgerTest, AReleasedLeasesInodeBecomesASpareAndThenTheNextLeasesFile) {
   EXPECT_TRUE(lease_internal::is_locked_by_someone(reader));
   ::close(reader);
   ASSERT_EQ(ledger.live_leases().size(), 1u);
+  second->lease->release();
+  EXPECT_FALSE(std::filesystem::exists(path));
+  EXPECT_EQ(spares_in(directory_), std::vector<std::string>{spare.filename().string()});
+  EXPECT_EQ(links_of(spare), 1u) << "a spare again: only the lease's name went";
 }
 
 TEST_F(LedgerTest, ASpareFarLongerThanTheNewTextIsCutNotPaddedAndCommandsAreBounded) {
@@ -604,21 +617,23 @@ TEST_F(LedgerTest, ASpareFarLongerThanTheNewTextIsCutNotPaddedAndCommandsAreBoun
 
 TEST_F(LedgerTest, ASpareIsNeverTakenWhenLinkedElsewhereASymlinkOrClaimed) {
   const std::string directory = directory_.string();
-  const std::string prefix = lease_internal::spare_prefix(::geteuid());
-  // A file of this user's linked in (its other name elsewhere), a symlink to one, and a spare
-  // another launch has claimed: none may be written.
+  const int spares = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
+  ASSERT_GE(spares, 0);
+  ::close(spares);
+  const auto in_spares = spare_directory_in(directory_);
+  // A file of this user's linked in (its other name elsewhere, as a spare serving as a lease has),
+  // a symlink to one, and a spare another launch has claimed: none may be written.
   const auto victim = directory_ / "victim";
   std::ofstream(victim) << "precious";
-  std::filesystem::create_hard_link(victim, directory_ / (prefix + "linked"));
-  std::filesystem::create_symlink(victim, directory_ / (prefix + "symlink"));
-  std::ofstream(directory_ / (prefix + "claimed")) << "x";
-  const int claimer = ::open((directory_ / (prefix + "claimed")).c_str(), O_RDONLY | O_CLOEXEC);
+  std::filesystem::create_hard_link(victim, in_spares / "linked");
+  std::filesystem::create_symlink(victim, in_spares / "symlink");
+  std::ofstream(in_spares / "claimed") << "x";
+  const int claimer = ::open((in_spares / "claimed").c_str(), O_RDONLY | O_CLOEXEC);
   ASSERT_EQ(::flock(claimer, LOCK_EX | LOCK_NB), 0);
   ASSERT_EQ(lease_internal::list_spares(directory, ::geteuid()).size(), 3u);
-  lease_internal::PreparedLeaseInode only_spares(directory, lease_internal::list_spares(directory, ::geteuid()),
-                                                /*or_tmpfile=*/false);
+  lease_internal::PreparedLeaseInode only_spares(directory, /*or_tmpfile=*/false);
   EXPECT_TRUE(only_spares.empty());
-  lease_internal::PreparedLeaseInode prepared(directory, lease_internal::list_spares(directory, ::geteuid()));
+  lease_internal::PreparedLeaseInode prepared(directory);
   EXPECT_FALSE(prepared.empty());
   EXPECT_FALSE(prepared.is_spare()) << "a new inode instead";
   auto fd = lease_internal::write_lease_file(directory, record_with_id("3-new"), /*lock_it=*/true, &prepared);
@@ -626,23 +641,49 @@ TEST_F(LedgerTest, ASpareIsNeverTakenWhenLinkedElsewhereASymlinkOrClaimed) {
   ::close(*fd);
   ::close(claimer);
   EXPECT_EQ(text_of(victim), "precious");
-  EXPECT_EQ(text_of(directory_ / (prefix + "claimed")), "x");
+  EXPECT_EQ(text_of(in_spares / "claimed"), "x");
 }
 
-TEST_F(LedgerTest, SparesAreNotLeasesAndAnotherUsersNameIsNotTrusted) {
-  // A spare is invisible to every reader; a file named as this user's spare but owned by another
-  // (here: a lease file of another uid's name, faked by claiming a spare of uid + 1) is not used.
+TEST_F(LedgerTest, AnInodeTheStateDirectoryListsAsALeaseIsNotEvenTriedAsASpare) {
+  const std::string directory = directory_.string();
+  const int spares = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
+  ASSERT_GE(spares, 0);
+  ::close(spares);
+  const auto free_spare = spare_directory_in(directory_) / "free";
+  std::ofstream(free_spare) << "{}";
+  lease_internal::PreparedLeaseInode excluded(directory, /*or_tmpfile=*/false, {inode_of(free_spare)});
+  EXPECT_TRUE(excluded.empty());
+  lease_internal::PreparedLeaseInode taken(directory, /*or_tmpfile=*/false, {inode_of(free_spare) + 1});
+  EXPECT_TRUE(taken.is_spare());
+}
+
+TEST_F(LedgerTest, SparesAreNotLeasesAndAnotherUsersSpareDirectoryIsNotTrusted) {
+  // A spare is invisible to every reader. A directory under this user's spare directory's name
+  // that is a symlink, or owned by another user, is not used (nor written through).
   Ledger ledger(directory_.string());
   auto taken = reserve(ledger, 2 * kGiB, one_gpu());
   ASSERT_TRUE(taken.ok() && taken->lease);
   taken->lease->release();
   EXPECT_TRUE(ledger.live_leases().empty());
   EXPECT_TRUE(lease_internal::list_spares(directory_.string(), ::geteuid() + 1).empty());
-  const auto mine = lease_internal::list_spares(directory_.string(), ::geteuid());
-  ASSERT_EQ(mine.size(), 1u);
+  ASSERT_EQ(lease_internal::list_spares(directory_.string(), ::geteuid()).size(), 1u);
+
+  const auto elsewhere = directory_ / "elsewhere";
+  std::filesystem::rename(spare_directory_in(directory_), elsewhere);
+  std::filesystem::create_directory_symlink(elsewhere, spare_directory_in(directory_));
+  EXPECT_EQ(lease_internal::open_spare_directory(directory_.string(), ::geteuid(), /*create=*/true), -1);
+  lease_internal::PreparedLeaseInode through_symlink(directory_.string(), /*or_tmpfile=*/false);
+  EXPECT_TRUE(through_symlink.empty());
+  auto next = reserve(ledger, 2 * kGiB, one_gpu());
+  ASSERT_TRUE(next.ok() && next->lease);
+  next->lease->release();  // not kept: nowhere to keep it
+  EXPECT_EQ(names_in(elsewhere).size(), 1u) << "nothing was put through the symlink";
+  EXPECT_FALSE(std::filesystem::exists(next->lease->record().path));
   if (::geteuid() == 0) {
-    ASSERT_EQ(::chown((directory_ / mine[0]).c_str(), 12345, 12345), 0);
-    lease_internal::PreparedLeaseInode prepared(directory_.string(), mine, /*or_tmpfile=*/false);
+    std::filesystem::remove(spare_directory_in(directory_));
+    std::filesystem::rename(elsewhere, spare_directory_in(directory_));
+    ASSERT_EQ(::chown(spare_directory_in(directory_).c_str(), 12345, 12345), 0);
+    lease_internal::PreparedLeaseInode prepared(directory_.string(), /*or_tmpfile=*/false);
     EXPECT_TRUE(prepared.empty()) << "owned by another uid";
   }
 }
@@ -655,6 +696,31 @@ ino_t leave_a_spare(Ledger& ledger) {
   const ino_t inode = inode_of(taken->lease->record().path);
   taken->lease->release();
   return inode;
+}
+
+TEST_F(LedgerTest, AnUnlockedHoldLeaseOnASpareIsNeverClaimedAsOne) {
+  // A `pick --hold` lease is published unlocked (it lives by its expiry), so no flock keeps
+  // launches off its inode: its second name does.
+  Ledger ledger(directory_.string());
+  ASSERT_NE(leave_a_spare(ledger), 0u);
+  ReserveRequest hold = request_of(2 * kGiB);
+  hold.hold = std::chrono::milliseconds(60000);
+  auto held = reserve(ledger, hold, one_gpu());
+  ASSERT_TRUE(held.ok() && held->lease);
+  const auto path = directory_ / lease_internal::lease_file_name(held->lease->record());  // detached: no path kept
+  ASSERT_EQ(links_of(path), 2u) << "the hold took the spare";
+  const int reader = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(reader, 0);
+  ASSERT_FALSE(lease_internal::is_locked_by_someone(reader));
+  ::close(reader);
+  lease_internal::PreparedLeaseInode prepared(directory_.string(), /*or_tmpfile=*/false);
+  EXPECT_TRUE(prepared.empty()) << "the hold's inode is not free";
+  const std::string text = text_of(path);
+  auto next = reserve(ledger, 1 * kGiB, one_gpu());
+  ASSERT_TRUE(next.ok() && next->lease);
+  EXPECT_NE(inode_of(next->lease->record().path), inode_of(path));
+  EXPECT_EQ(text_of(path), text) << "the hold's file was not written";
+  EXPECT_EQ(ledger.live_leases().size(), 2u);
 }
 
 TEST_F(LedgerTest, AReassignWithASpareMakesNoInodeAndKeepsTheOldOne) {
@@ -674,26 +740,28 @@ TEST_F(LedgerTest, AReassignWithASpareMakesNoInodeAndKeepsTheOldOne) {
   ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());
   const std::string path = taken->lease->record().path;
   EXPECT_EQ(inode_of(path), new_inode) << "the reassigned file is the spare";
-  ASSERT_EQ(spares_in(directory_).size(), 1u);
-  EXPECT_EQ(inode_of(directory_ / spares_in(directory_)[0]), spare_inode) << "the old file is the spare now";
+  ASSERT_EQ(spares_in(directory_).size(), 2u) << "no inode made or lost";
+  std::vector<ino_t> free_spares;
+  for (const auto& name : spares_in(directory_)) {
+    if (links_of(spare_directory_in(directory_) / name) == 1) free_spares.push_back(inode_of(spare_directory_in(directory_) / name));
+  }
+  EXPECT_EQ(free_spares, std::vector<ino_t>{spare_inode}) << "the old file is the free spare now";
   auto live = ledger.live_leases();
   ASSERT_EQ(live.size(), 1u);
   EXPECT_EQ(live[0].holder_pid, ::getpid());
   EXPECT_EQ(live[0].reserved_bytes, 2 * kGiB);
 }
 
-TEST_F(LedgerTest, AFileUnderASparesNameIsTakenOnlyIfItIsALeaseOfThisUser) {
-  // With fs.protected_hardlinks off, another user could link one of this user's files under a
-  // spare's name and wait for its other name to go: nlink is 1 then. Its text gives it away.
-  const std::string prefix = lease_internal::spare_prefix(::geteuid());
-  std::ofstream(directory_ / (prefix + "planted")) << "precious";
-  LeaseRecord foreign = record_with_id("4-foreign");
-  foreign.uid = ::geteuid() + 1;
-  std::ofstream(directory_ / (prefix + "foreign")) << lease_internal::to_json_text(foreign);
-  lease_internal::PreparedLeaseInode prepared(directory_.string(), lease_internal::list_spares(directory_.string(), ::geteuid()),
-                                             /*or_tmpfile=*/false);
-  EXPECT_TRUE(prepared.empty());
-  EXPECT_EQ(text_of(directory_ / (prefix + "planted")), "precious");
+TEST_F(LedgerTest, SparesOfAnEarlierVersionInTheStateDirectoryAreDeletedOnSight) {
+  const auto legacy = directory_ / (lease_internal::legacy_spare_prefix(::geteuid()) + "0a0b0c0d");
+  const auto others = directory_ / (lease_internal::legacy_spare_prefix(::geteuid() + 1) + "0a0b0c0d");
+  std::ofstream(legacy) << "{}";
+  std::ofstream(others) << "{}";
+  Ledger ledger(directory_.string());
+  auto taken = reserve(ledger, 1 * kGiB, one_gpu());
+  ASSERT_TRUE(taken.ok() && taken->lease);
+  EXPECT_FALSE(std::filesystem::exists(legacy));
+  EXPECT_TRUE(std::filesystem::exists(others)) << "another user's are theirs to delete";
 }
 
 TEST_F(LedgerTest, AReassignNeverTakesBackAnInodeItsLeaseHadBefore) {
@@ -709,26 +777,35 @@ TEST_F(LedgerTest, AReassignNeverTakesBackAnInodeItsLeaseHadBefore) {
   ASSERT_EQ(inode_of(taken->lease->record().path), first);
   ASSERT_NE(leave_a_spare(ledger), 0u);  // spare B
   ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());  // takes B, keeps A as a spare
-  ASSERT_EQ(spares_in(directory_).size(), 1u);
-  ASSERT_EQ(inode_of(directory_ / spares_in(directory_)[0]), first);
-  ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());  // A is the only spare, and it is excluded
+  ASSERT_EQ(spares_in(directory_).size(), 2u);
+  ASSERT_EQ(links_of(directory_ / lease_internal::lease_file_name(taken->lease->record())), 2u) << "B serves";
+  ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());  // A is the only free spare, and it is excluded
   EXPECT_NE(inode_of(taken->lease->record().path), first);
   EXPECT_EQ(ledger.live_leases().size(), 1u);
 }
 
-TEST_F(LedgerTest, AReleasedLeasesSpareIsReadableByNobodyElse) {
+TEST_F(LedgerTest, AReleasedLeasesSpareIsReachableByNobodyElse) {
   Ledger ledger(directory_.string());
-  ASSERT_NE(leave_a_spare(ledger), 0u);
+  const ::mode_t old_umask = ::umask(0);
+  const ino_t spare = leave_a_spare(ledger);
+  ::umask(old_umask);
+  ASSERT_NE(spare, 0u);
   ASSERT_EQ(spares_in(directory_).size(), 1u);
   struct stat info {};
-  ASSERT_EQ(::stat((directory_ / spares_in(directory_)[0]).c_str(), &info), 0);
-  EXPECT_EQ(info.st_mode & 07777, 0600u) << "so no other user can open, and lock, a spare";
+  ASSERT_EQ(::lstat(spare_directory_in(directory_).c_str(), &info), 0);
+  EXPECT_TRUE(S_ISDIR(info.st_mode));
+  EXPECT_EQ(info.st_uid, ::geteuid());
+  EXPECT_EQ(info.st_mode & 07777, 0700u) << "so no other user can open, and lock, a spare, whatever the umask";
 }
 
 TEST_F(LedgerTest, SparesPastTheMostAreDeleted) {
   const std::string directory = directory_.string();
-  const std::string prefix = lease_internal::spare_prefix(::geteuid());
-  for (std::size_t i = 0; i < lease_internal::kMostSpares + 3; ++i) std::ofstream(directory_ / (prefix + std::to_string(i))) << "{}";
+  const int spares = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
+  ASSERT_GE(spares, 0);
+  ::close(spares);
+  for (std::size_t i = 0; i < lease_internal::kMostSpares + 3; ++i) {
+    std::ofstream(spare_directory_in(directory_) / std::to_string(i)) << "{}";
+  }
   EXPECT_EQ(lease_internal::list_spares(directory, ::geteuid()).size(), lease_internal::kMostSpares);
   EXPECT_EQ(spares_in(directory_).size(), lease_internal::kMostSpares);
 }
