@@ -33,9 +33,36 @@ std::optional<std::string> lease_file_of(const std::string& directory, const std
   return found;
 }
 
+// What a lease says about the process taking it when that is this process: its start time and its
+// user's name, read once per thread and process (and user: a process may change its uid) rather
+// than once per lease, and before the first one (Ledger's constructor), so that a launch does not
+// read /proc and /etc/passwd between its snapshot and its decision. Thread-local: nothing to lock,
+// also in a child forked while another thread was here.
+struct SelfFacts {
+  pid_t pid = 0;
+  uid_t uid = 0;
+  unsigned long long start_ticks = 0;
+  std::string user;
+};
+
+const SelfFacts& self_facts() {
+  thread_local SelfFacts facts;
+  const pid_t pid = ::getpid();
+  const uid_t uid = ::geteuid();
+  if (facts.pid != pid || facts.start_ticks == 0) {
+    facts.pid = pid;
+    facts.start_ticks = process_start_ticks(pid).value_or(0);
+  }
+  if (facts.user.empty() || facts.uid != uid) {
+    facts.uid = uid;
+    facts.user = user_name_of(uid);
+  }
+  return facts;
+}
+
 }  // namespace
 
-Ledger::Ledger(std::string directory) : directory_(std::move(directory)) {}
+Ledger::Ledger(std::string directory) : directory_(std::move(directory)) { self_facts(); }
 
 std::vector<LeaseRecord> Ledger::live_leases(std::vector<std::string>* warnings) const {
   LeaseScan scan(directory_);
@@ -155,12 +182,14 @@ OutstandingReservations charge_leases(std::vector<LeaseRecord>& leases, const Sn
 LeaseRecord holder_identity(const ReserveRequest& request) {
   LeaseRecord record;
   record.id = new_lease_id();  // random bytes: drawn here rather than under the lock
+  const SelfFacts& self = self_facts();
   if (!request.holder_pending) {
-    record.holder_pid = request.owner_pid > 0 ? request.owner_pid : ::getpid();
-    record.holder_start_ticks = process_start_ticks(record.holder_pid).value_or(0);
+    record.holder_pid = request.owner_pid > 0 ? request.owner_pid : self.pid;
+    record.holder_start_ticks =
+        record.holder_pid == self.pid ? self.start_ticks : process_start_ticks(record.holder_pid).value_or(0);
   }
-  record.uid = ::geteuid();
-  record.user = user_name_of(record.uid);
+  record.uid = self.uid;
+  record.user = self.user;
   record.reserved_bytes = request.requirements.memory_bytes;
   // Shown in `gpuslot leases`; bounded so that a lease text stays far below the size readers
   // accept (a JSON escape is up to 6 bytes per byte).
