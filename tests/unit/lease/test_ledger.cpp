@@ -128,6 +128,28 @@ TEST_F(LedgerTest, PendingLeaseDiesWithItsOwner) {
   EXPECT_TRUE(ledger.live_leases().empty()) << "the lock, not the (absent) holder pid, keeps a pending lease alive";
 }
 
+TEST_F(LedgerTest, AForkedChildsLeaseNamesTheChildNotTheParentItsFactsCameFrom) {
+  // The holder's start time is read once per process and thread; a child forked after the
+  // parent's first lease reads its own.
+  Ledger ledger(directory_.string());
+  auto parents = reserve(ledger, 1 * kGiB, one_gpu());
+  ASSERT_TRUE(parents.ok() && parents->lease);
+  ASSERT_EQ(parents->lease->record().holder_pid, ::getpid());
+  ASSERT_EQ(parents->lease->record().holder_start_ticks, process_start_ticks(::getpid()).value_or(0));
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto childs = reserve(ledger, 1 * kGiB, one_gpu());
+    const bool right = childs.ok() && childs->lease && childs->lease->record().holder_pid == ::getpid() &&
+                       childs->lease->record().holder_start_ticks == process_start_ticks(::getpid()).value_or(0) &&
+                       childs->lease->record().user == parents->lease->record().user;
+    ::_exit(right ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child's lease named the child";
+}
+
 TEST_F(LedgerTest, CorruptLeaseFileIsIgnoredWithAWarning) {
   std::ofstream(directory_ / "lease-bogus.json") << "{\"format\": 1, \"id\": ";
   ::chmod((directory_ / "lease-bogus.json").c_str(), 0644);
