@@ -121,12 +121,11 @@ int open_spare_directory(const std::string& directory, uid_t uid, bool create);
 // A fresh name for a spare in it.
 std::string new_spare_name();
 // The names in `uid`'s spare directory (one readdir; -1 directory fd: none), but those of the
-// `excluded` inodes (sorted). Past kMostSpares names, trim_spares deletes some of the listed
-// (a few per call) and counts them off `names`.
+// `excluded` inodes (sorted). Past kMostSpares of them, trim_spares deletes a few.
 std::vector<std::string> list_spares(int spare_directory_fd, const std::vector<ino_t>& excluded);
 std::vector<std::string> list_spares(const std::string& directory, uid_t uid);
 inline constexpr std::size_t kMostSpares = 256;
-void trim_spares(int spare_directory_fd, std::vector<std::string>& spares, std::size_t& names);
+void trim_spares(int spare_directory_fd, std::vector<std::string>& spares);
 // Where earlier versions kept a user's spares: ".spare-<uid>-<hex>" in the state directory
 // itself. LeaseScan deletes this user's on sight.
 std::string legacy_spare_prefix(uid_t uid);

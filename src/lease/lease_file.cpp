@@ -423,13 +423,16 @@ std::string spare_directory(const std::string& directory, uid_t uid) { return di
 int open_spare_directory(const std::string& directory, uid_t uid, bool create) {
   const std::string path = spare_directory(directory, uid);
   int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-  if (fd < 0 && errno == ENOENT && create && (::mkdir(path.c_str(), 0700) == 0 || errno == EEXIST)) {
+  if (fd < 0 && errno == ENOENT && create) {
+    // Made 0700 whatever the umask: one that took the owner's read bit would leave a directory
+    // this user cannot list. Nobody else can replace a name just made in the sticky directory.
+    if (::mkdir(path.c_str(), 0700) == 0) ::chmod(path.c_str(), 0700);
     fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
   }
   if (fd < 0) return -1;
   struct stat info {};
-  // Another user's directory under this name is not ours to use; our own, made under a umask that
-  // took the owner's bits or left others', is put right.
+  // Another user's directory under this name is not ours to use (root could open and change
+  // it); our own with other bits is put right.
   if (::fstat(fd, &info) != 0 || info.st_uid != uid ||
       ((info.st_mode & 07777) != 0700 && ::fchmod(fd, 0700) != 0)) {
     ::close(fd);
@@ -446,15 +449,18 @@ std::string new_spare_name() {
 
 std::string legacy_spare_prefix(uid_t uid) { return ".spare-" + std::to_string(uid) + "-"; }
 
-void trim_spares(int spare_directory_fd, std::vector<std::string>& spares, std::size_t& names) {
+void trim_spares(int spare_directory_fd, std::vector<std::string>& spares) {
   // At most a few at a time, so that no launch pays for many.
-  for (int tries = 0; names > kMostSpares && !spares.empty() && tries < 8; ++tries) {
+  for (int tries = 0; spares.size() > kMostSpares; ++tries) {
+    if (tries == 8) {
+      spares.resize(kMostSpares);
+      break;
+    }
     const int spare = ::openat(spare_directory_fd, spares.back().c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     struct stat info {};
     // Only a free spare: not one serving as a lease (a second name), nor one a launch has claimed.
-    if (spare >= 0 && ::fstat(spare, &info) == 0 && info.st_nlink == 1 && ::flock(spare, LOCK_EX | LOCK_NB) == 0 &&
-        ::unlinkat(spare_directory_fd, spares.back().c_str(), 0) == 0) {
-      --names;
+    if (spare >= 0 && ::fstat(spare, &info) == 0 && info.st_nlink == 1 && ::flock(spare, LOCK_EX | LOCK_NB) == 0) {
+      ::unlinkat(spare_directory_fd, spares.back().c_str(), 0);
     }
     if (spare >= 0) ::close(spare);
     spares.pop_back();
@@ -471,14 +477,12 @@ std::vector<std::string> list_spares(int spare_directory_fd, const std::vector<i
     if (listed >= 0) ::close(listed);
     return spares;
   }
-  std::size_t names = 0;
   while (const dirent* entry = ::readdir(dir)) {
     if (entry->d_name[0] == '.') continue;
-    ++names;
     if (!std::binary_search(excluded.begin(), excluded.end(), entry->d_ino)) spares.emplace_back(entry->d_name);
   }
   ::closedir(dir);
-  trim_spares(spare_directory_fd, spares, names);
+  trim_spares(spare_directory_fd, spares);
   return spares;
 }
 
@@ -494,8 +498,8 @@ namespace {
 // Opens and claims one spare: a regular file with no other name (not one serving as a lease, nor
 // one linked elsewhere), not claimed by another launch (flock), and still under that name, still
 // with no other, once locked: another launch may have claimed and published it (a `pick --hold`
-// lease is published unlocked) between our open and our lock. Not one of `excluded` (a lease's
-// own former inodes, see HeldLease::reassign). Then 0644. -1 if any of that fails. Nobody but
+// lease is published unlocked) between our open and our lock. Not one of `excluded` (sorted; a
+// lease's own former inodes, see HeldLease::reassign, whatever the listing said). Then 0644. -1 if any of that fails. Nobody but
 // this user can make a name in the spare directory, so its files are this user's own.
 int claim_spare(int spare_directory_fd, const std::string& name, const std::vector<ino_t>& excluded, std::size_t& size) {
   const int fd = ::openat(spare_directory_fd, name.c_str(), O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
@@ -506,7 +510,7 @@ int claim_spare(int spare_directory_fd, const std::string& name, const std::vect
   } file{fd};
   struct stat info {};
   if (::fstat(fd, &info) != 0 || !S_ISREG(info.st_mode) || info.st_uid != ::geteuid() || info.st_nlink != 1 ||
-      info.st_size > 65536 || std::find(excluded.begin(), excluded.end(), info.st_ino) != excluded.end() ||
+      info.st_size > 65536 || std::binary_search(excluded.begin(), excluded.end(), info.st_ino) ||
       ::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     return -1;
   }
@@ -526,14 +530,13 @@ int claim_spare(int spare_directory_fd, const std::string& name, const std::vect
 PreparedLeaseInode::PreparedLeaseInode(const std::string& directory, bool or_tmpfile, const std::vector<ino_t>& excluded) {
   const int spare_directory_fd = open_spare_directory(directory, ::geteuid(), /*create=*/false);
   if (spare_directory_fd >= 0) {
-    std::vector<std::string> spares;
-    if (std::is_sorted(excluded.begin(), excluded.end())) {
-      spares = list_spares(spare_directory_fd, excluded);
-    } else {
-      std::vector<ino_t> sorted = excluded;
-      std::sort(sorted.begin(), sorted.end());
-      spares = list_spares(spare_directory_fd, sorted);
+    std::vector<ino_t> sorted_copy;
+    if (!std::is_sorted(excluded.begin(), excluded.end())) {
+      sorted_copy = excluded;
+      std::sort(sorted_copy.begin(), sorted_copy.end());
     }
+    const std::vector<ino_t>& sorted = sorted_copy.empty() ? excluded : sorted_copy;
+    std::vector<std::string> spares = list_spares(spare_directory_fd, sorted);
     // Launches started together list the same spares: each tries a few at random, so that they
     // rarely try to claim the same (one that is taken is dropped from this launch's list).
     std::uint32_t random = spares.empty() ? 0 : random_u32() | 1;
@@ -542,7 +545,7 @@ PreparedLeaseInode::PreparedLeaseInode(const std::string& directory, bool or_tmp
       random ^= random >> 17;
       random ^= random << 5;
       const std::size_t at = random % spares.size();
-      fd_ = claim_spare(spare_directory_fd, spares[at], excluded, spare_size_);
+      fd_ = claim_spare(spare_directory_fd, spares[at], sorted, spare_size_);
       if (fd_ >= 0) {
         spare_ = spare_directory(directory, ::geteuid()) + "/" + spares[at];
         break;
@@ -601,17 +604,13 @@ int publish_prepared(int fd, const std::string& spare, std::size_t spare_size, c
     return -1;
   }
   // Only a reassign (`replace`) replaces an existing name; lease ids are otherwise fresh. A spare
-  // is linked under the lease's name and keeps its own (see PreparedLeaseInode); a link cannot
-  // replace a name, so a reassign links it under a temporary name first and renames that over
-  // the lease's. An O_TMPFILE file cannot be linked over a name either, so a reassign without a
-  // spare takes the temp file path.
+  // is linked under the lease's name and keeps its own (see PreparedLeaseInode). A link cannot
+  // replace a name, so a reassign moves the spare over the lease's name instead (in one step: no
+  // temporary name to leave behind); its release then moves it back. An O_TMPFILE file cannot be
+  // linked over a name either, so a reassign without a spare takes the temp file path.
   int named;
-  if (!spare.empty() && !replace) {
-    named = ::link(spare.c_str(), final_path.c_str());
-  } else if (!spare.empty()) {
-    const std::string temporary = final_path.substr(0, final_path.rfind('/')) + "/.reassign-" + new_spare_name();
-    named = ::link(spare.c_str(), temporary.c_str());
-    if (named == 0 && (named = ::rename(temporary.c_str(), final_path.c_str())) != 0) ::unlink(temporary.c_str());
+  if (!spare.empty()) {
+    named = replace ? ::rename(spare.c_str(), final_path.c_str()) : ::link(spare.c_str(), final_path.c_str());
   } else if (replace) {
     named = -1;
   } else {

@@ -1,5 +1,6 @@
 // ledger.cpp — reading the leases, charging them against GPUs, and select-and-reserve.
 #include <dirent.h>
+#include <pthread.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -45,11 +46,21 @@ struct SelfFacts {
   std::string user;
 };
 
+thread_local SelfFacts self_facts_of_this_thread;
+thread_local pid_t self_facts_read_in = 0;  // the pid they were read in; 0: read again
+
 const SelfFacts& self_facts() {
-  thread_local SelfFacts facts;
+  // A forked child reads its own, also where it got the pid of a process that has since exited
+  // (the forking thread's copy is all the child has). The handler only zeroes a plain int.
+  static const bool forgotten_in_children = [] {
+    return ::pthread_atfork(nullptr, nullptr, [] { self_facts_read_in = 0; }) == 0;
+  }();
+  (void)forgotten_in_children;
+  SelfFacts& facts = self_facts_of_this_thread;
   const pid_t pid = ::getpid();
   const uid_t uid = ::geteuid();
-  if (facts.pid != pid || facts.start_ticks == 0) {
+  if (self_facts_read_in != pid || facts.pid != pid || facts.start_ticks == 0) {
+    self_facts_read_in = pid;
     facts.pid = pid;
     facts.start_ticks = process_start_ticks(pid).value_or(0);
   }

@@ -250,3 +250,26 @@ def test_released_leases_are_kept_as_spares_each_user_for_itself(shared, users):
     inode = spares[0].stat().st_ino
     lease = shared.hold("gpuslot-b", "1G")
     assert os.stat(lease_file(shared.state, lease["id"])).st_ino == inode, "b's next lease is its spare"
+
+
+def test_roots_spares_never_go_into_a_directory_another_user_made_for_them(shared, users):
+    # Root could open, and change, any directory: only one it owns is its spare directory.
+    planted = shared.state / ".spares-0"
+    shared.python_as("gpuslot-a", "import os, sys, json; os.mkdir(sys.argv[1]); os.chmod(sys.argv[1], 0o755); "
+                     "print(json.dumps(True))", planted)
+    assert shared.gpuslot("root", "run", "--mem", "1G", "--", "true", check=0).returncode == 0
+    assert list(planted.iterdir()) == [], "root kept nothing in a's directory"
+    assert stat.S_IMODE(os.lstat(planted).st_mode) == 0o755, "nor changed it"
+    assert shared.leases("root") == []
+
+
+def test_a_spare_directory_made_under_a_umask_that_takes_the_owners_bits_is_usable(shared, users):
+    b_uid = users["gpuslot-b"].pw_uid
+    argv = ["setpriv", "--reuid", "gpuslot-b", "--regid", "gpuslot-b", "--clear-groups", "--",
+            "sh", "-c", 'umask 477 && exec "$0" "$@"', str(shared.gpuslot_path), "run", "--mem", "1G", "--", "true"]
+    for _ in range(2):
+        result = subprocess.run(argv, env=shared.env(), capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+    mine = shared.state / (".spares-%d" % b_uid)
+    assert stat.S_IMODE(os.lstat(mine).st_mode) == 0o700
+    assert len(list(mine.iterdir())) == 1, "the first run's file was kept, and the second run reused it"

@@ -676,9 +676,11 @@ TEST_F(LedgerTest, SparesAreNotLeasesAndAnotherUsersSpareDirectoryIsNotTrusted) 
   EXPECT_TRUE(through_symlink.empty());
   auto next = reserve(ledger, 2 * kGiB, one_gpu());
   ASSERT_TRUE(next.ok() && next->lease);
+  const std::string next_path = next->lease->record().path;
+  ASSERT_TRUE(std::filesystem::exists(next_path));
   next->lease->release();  // not kept: nowhere to keep it
   EXPECT_EQ(names_in(elsewhere).size(), 1u) << "nothing was put through the symlink";
-  EXPECT_FALSE(std::filesystem::exists(next->lease->record().path));
+  EXPECT_FALSE(std::filesystem::exists(next_path)) << "but released all the same";
   if (::geteuid() == 0) {
     std::filesystem::remove(spare_directory_in(directory_));
     std::filesystem::rename(elsewhere, spare_directory_in(directory_));
@@ -740,16 +742,18 @@ TEST_F(LedgerTest, AReassignWithASpareMakesNoInodeAndKeepsTheOldOne) {
   ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());
   const std::string path = taken->lease->record().path;
   EXPECT_EQ(inode_of(path), new_inode) << "the reassigned file is the spare";
-  ASSERT_EQ(spares_in(directory_).size(), 2u) << "no inode made or lost";
-  std::vector<ino_t> free_spares;
-  for (const auto& name : spares_in(directory_)) {
-    if (links_of(spare_directory_in(directory_) / name) == 1) free_spares.push_back(inode_of(spare_directory_in(directory_) / name));
-  }
-  EXPECT_EQ(free_spares, std::vector<ino_t>{spare_inode}) << "the old file is the free spare now";
+  EXPECT_EQ(links_of(path), 1u) << "moved over the lease's name, not linked under a temporary one";
+  ASSERT_EQ(spares_in(directory_).size(), 1u);
+  const auto old_file = spare_directory_in(directory_) / spares_in(directory_)[0];
+  EXPECT_EQ(inode_of(old_file), spare_inode) << "the old file is the spare now";
+  EXPECT_EQ(links_of(old_file), 1u) << "a free one";
+  EXPECT_EQ(names_in(directory_).size(), 2u) << "the lease and the spare directory: nothing left behind";
   auto live = ledger.live_leases();
   ASSERT_EQ(live.size(), 1u);
   EXPECT_EQ(live[0].holder_pid, ::getpid());
   EXPECT_EQ(live[0].reserved_bytes, 2 * kGiB);
+  taken->lease->release();
+  EXPECT_EQ(spares_in(directory_).size(), 2u) << "released, the reassigned file is a spare again: no inode made or lost";
 }
 
 TEST_F(LedgerTest, SparesOfAnEarlierVersionInTheStateDirectoryAreDeletedOnSight) {
@@ -777,8 +781,8 @@ TEST_F(LedgerTest, AReassignNeverTakesBackAnInodeItsLeaseHadBefore) {
   ASSERT_EQ(inode_of(taken->lease->record().path), first);
   ASSERT_NE(leave_a_spare(ledger), 0u);  // spare B
   ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());  // takes B, keeps A as a spare
-  ASSERT_EQ(spares_in(directory_).size(), 2u);
-  ASSERT_EQ(links_of(directory_ / lease_internal::lease_file_name(taken->lease->record())), 2u) << "B serves";
+  ASSERT_EQ(spares_in(directory_).size(), 1u);
+  ASSERT_EQ(inode_of(spare_directory_in(directory_) / spares_in(directory_)[0]), first);
   ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());  // A is the only free spare, and it is excluded
   EXPECT_NE(inode_of(taken->lease->record().path), first);
   EXPECT_EQ(ledger.live_leases().size(), 1u);
@@ -796,6 +800,26 @@ TEST_F(LedgerTest, AReleasedLeasesSpareIsReachableByNobodyElse) {
   EXPECT_TRUE(S_ISDIR(info.st_mode));
   EXPECT_EQ(info.st_uid, ::geteuid());
   EXPECT_EQ(info.st_mode & 07777, 0700u) << "so no other user can open, and lock, a spare, whatever the umask";
+}
+
+TEST_F(LedgerTest, SparesServingAsLeasesDoNotCountTowardsTheMost) {
+  // A user holding many leases at once has as many spares in use: only free ones are trimmed.
+  const std::string directory = directory_.string();
+  const int spares = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
+  ASSERT_GE(spares, 0);
+  std::vector<ino_t> in_use;
+  for (std::size_t i = 0; i < lease_internal::kMostSpares + 3; ++i) {
+    const auto spare = spare_directory_in(directory_) / std::to_string(i);
+    std::ofstream(spare) << "{}";
+    if (i % 2 == 0) {  // the even ones serve as leases
+      std::filesystem::create_hard_link(spare, directory_ / ("lease-" + std::to_string(i) + ".json"));
+      in_use.push_back(inode_of(spare));
+    }
+  }
+  std::sort(in_use.begin(), in_use.end());
+  EXPECT_EQ(lease_internal::list_spares(spares, in_use).size(), lease_internal::kMostSpares + 3 - in_use.size());
+  ::close(spares);
+  EXPECT_EQ(spares_in(directory_).size(), lease_internal::kMostSpares + 3) << "none deleted";
 }
 
 TEST_F(LedgerTest, SparesPastTheMostAreDeleted) {
