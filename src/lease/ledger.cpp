@@ -287,8 +287,12 @@ Result<void> Ledger::release(const std::string& id) {
     return make_error(Errc::bad_input, "no lease '" + id + "' in " + directory_ + " (see gpuslot leases)");
   }
   if (::unlink(path->c_str()) != 0) {
-    return make_error(Errc::state, "cannot release lease " + id + " of user " + user_name_of(info.st_uid) + ": " +
-                                       std::strerror(errno) + "; only its holder or root can");
+    // Another user's lease is a request this user may not make (bad input, exit 2), not a state
+    // directory gone wrong.
+    const int error = errno;
+    return make_error(error == EPERM || error == EACCES ? Errc::bad_input : Errc::state,
+                      "cannot release lease " + id + " of user " + user_name_of(info.st_uid) + ": " + std::strerror(error) +
+                          "; only its holder or root can");
   }
   return {};
 }
