@@ -269,7 +269,8 @@ class WorkerPool:
 
     def _live(self):
         if self._closed:
-            raise from_error("state", "the worker pool is closed")
+            # A usage error, like I/O on a closed file (BadInput is a ValueError).
+            raise from_error("bad_input", "the worker pool is closed; make a new one to run more tasks")
         return self._core
 
     def _raise_pool_failure(self):

@@ -106,7 +106,7 @@ Result<WorkerPool::TaskId> WorkerPool::submit(std::string payload, Callback on_d
   TaskId id = 0;
   {
     std::lock_guard<std::mutex> lock(impl.mutex);
-    if (impl.closing) return make_error(Errc::state, "the worker pool is closed");
+    if (impl.closing) return make_error(Errc::bad_input, "the worker pool is closed; make a new one to run more tasks");
     if (impl.failure) return *impl.failure;
     id = impl.next_id++;
     Task task;

@@ -371,7 +371,8 @@ class PoolHandle {
 
  private:
   gpuslot::WorkerPool& live() {
-    if (!pool_) raise_error(gpuslot::make_error(gpuslot::Errc::state, "the worker pool is closed"));
+    // A usage error, like I/O on a closed file (BadInput is a ValueError), not a state directory.
+    if (!pool_) raise_error(gpuslot::make_error(gpuslot::Errc::bad_input, "the worker pool is closed; make a new one to run more tasks"));
     return *pool_;
   }
 

@@ -359,8 +359,13 @@ def test_close_with_a_bad_grace_is_refused_and_the_pool_stays_usable(python_run,
         print(pool.map([-3]))
         pool.close()
         print(repr(pool))
+        try:
+            pool.map([-4])
+        except ValueError as error:  # BadInput: a usage error, like I/O on a closed file
+            print(type(error).__name__, "closed" in str(error))
     """, host=host_path).stdout.splitlines()
-    assert out == ["[1, 2]", "refused True", "refused True", "refused True", "[3]", "<gpuslot.WorkerPool closed>"]
+    assert out == ["[1, 2]", "refused True", "refused True", "refused True", "[3]", "<gpuslot.WorkerPool closed>",
+                   "BadInput True"]
     assert gpuslot("leases", "--json", host=host_path, check=0).stdout.count('"id"') == 0
 
 

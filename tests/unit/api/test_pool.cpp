@@ -150,7 +150,10 @@ TEST(WorkerPool, CallbacksAndCloseCancelsWhatIsQueued) {
   EXPECT_EQ(succeeded + cancelled, 40);
   EXPECT_GT(succeeded.load(), 0);
   EXPECT_GT(cancelled.load(), 0);
-  EXPECT_FALSE((*pool)->submit("late").ok());
+  auto late = (*pool)->submit("late");
+  ASSERT_FALSE(late.ok());
+  EXPECT_EQ(late.error().code, gpuslot::Errc::bad_input) << "a usage error, not a state directory gone wrong";
+  EXPECT_NE(late.error().message.find("closed"), std::string::npos) << late.error().message;
 }
 
 }  // namespace
