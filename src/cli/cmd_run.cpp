@@ -266,7 +266,7 @@ void add_run(CLI::App& app, Context& context) {
   CLI::App* command = app.add_subcommand("run", "Reserve GPU room, run a command there, release when it exits");
   options->requirements.add_to(*command);
   command->add_option("--wait", options->wait, "Wait for room (optionally at most TIMEOUT, e.g. 10m; exit 124 after)")
-      ->expected(1);
+      ->expected(0, 1);  // `--wait=` (an empty TIMEOUT) reaches parse_duration, which says what it accepts
   command->add_option("--export", options->export_format, "How the child sees its GPUs: index (default, with PCI_BUS_ID order) or uuid");
   command->add_flag("--enforce", options->enforce, "Stop the command if it uses more GPU memory than reserved");
   // The command itself never reaches the parser: app.cpp splits it off (see split_command).

@@ -227,6 +227,11 @@ def test_malformed_wait_timeout_is_bad_input_not_the_command(gpuslot, host, tmp_
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert "10mins" in result.stderr and "duration" in result.stderr, result.stderr
     assert not marker.exists()
+    empty = gpuslot("run", "--mem", "1G", "--wait", "", "--", "touch", marker, host=host("4x24g"))
+    assert empty.returncode == 2, (empty.returncode, empty.stderr)
+    assert "invalid duration ''" in empty.stderr and "like 90" in empty.stderr, empty.stderr
+    assert len(empty.stderr.strip().splitlines()) == 1, empty.stderr
+    assert not marker.exists()
 
 
 def test_wait_timeout_exits_124_with_pending_reason_announced_once(gpuslot, spawn, host, tmp_path):
