@@ -64,8 +64,8 @@ std::optional<unsigned long long> process_start_ticks(pid_t pid);
 // now; a process forking meanwhile may be missed, so a caller that signals them looks twice.
 std::vector<pid_t> descendants_of(pid_t root);
 
-// A lease this process holds. Releasing (destructor or release()) ends it at once: the file is
-// renamed out of the leases (kept for this user's next lease) or removed. Dying ends it too,
+// A lease this process holds. Releasing (destructor or release()) ends it at once: the lease's
+// name goes (its file is kept for this user's next lease, in the user's spare directory). Dying ends it too,
 // through the kernel dropping the lock.
 // A process forked while it holds leases (without exec) gets a copy of each lease's descriptor,
 // and the kernel keeps a lock while any copy is open: the child would keep its parent's leases

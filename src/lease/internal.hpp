@@ -74,7 +74,8 @@ std::optional<LeaseRecord> read_canonical_lease(std::string_view text);
 //   nor delete inodes once a user has as many spares as it holds leases at once. A spare keeps
 //   that name while it serves as a lease: publishing links it under the lease's name (only the
 //   state directory is changed under the host lock), and releasing unlinks the lease's name, which
-//   makes it a spare again. Its link count tells which it is: 1 free, 2 a lease's file. Or
+//   makes it a spare again. Its link count tells which it is: 1 free, 2 a lease's file. (A
+//   reassign moves a spare over the lease's name instead; that lease's release moves it back.) Or
 // - an O_TMPFILE file, which has no name.
 // Either way no reader looks at it until write_lease_file names it, complete and locked; it is
 // 0644 and flock'ed here (a spare still holds its old text, overwritten when published). An
@@ -114,12 +115,15 @@ class PreparedLeaseInode {
 // else can name, open or lock a spare, and every launch of every other user lists the state
 // directory without them. Anyone can create a name in the sticky state directory, so it is used
 // only where it is a directory (not a symlink) owned by `uid`; where another user took the name,
-// that user's launches work without spares (a new inode per lease), nothing worse.
+// the launches of `uid` work without spares (a new inode per lease), nothing worse.
 std::string spare_directory(const std::string& directory, uid_t uid);
 // Opens it (creating it first with `create`): an fd, or -1 where it is missing or not as above.
 int open_spare_directory(const std::string& directory, uid_t uid, bool create);
 // A fresh name for a spare in it.
 std::string new_spare_name();
+// Gives the lease file at `lease_path` a name in this user's spare directory: moves it there
+// (`move`), or links it there and leaves the lease's name. False where that cannot be done.
+bool keep_as_spare(const std::string& lease_path, bool move);
 // The names in `uid`'s spare directory (one readdir; -1 directory fd: none), but those of the
 // `excluded` inodes (sorted). Past kMostSpares of them, trim_spares deletes a few.
 std::vector<std::string> list_spares(int spare_directory_fd, const std::vector<ino_t>& excluded);

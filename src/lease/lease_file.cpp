@@ -458,8 +458,9 @@ void trim_spares(int spare_directory_fd, std::vector<std::string>& spares) {
     }
     const int spare = ::openat(spare_directory_fd, spares.back().c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     struct stat info {};
-    // Only a free spare: not one serving as a lease (a second name), nor one a launch has claimed.
-    if (spare >= 0 && ::fstat(spare, &info) == 0 && info.st_nlink == 1 && ::flock(spare, LOCK_EX | LOCK_NB) == 0) {
+    // Only a free spare: not one a launch has claimed, nor one serving as a lease (a second name,
+    // looked at once locked: a `pick --hold` lease is published unlocked).
+    if (spare >= 0 && ::flock(spare, LOCK_EX | LOCK_NB) == 0 && ::fstat(spare, &info) == 0 && info.st_nlink == 1) {
       ::unlinkat(spare_directory_fd, spares.back().c_str(), 0);
     }
     if (spare >= 0) ::close(spare);
@@ -493,14 +494,26 @@ std::vector<std::string> list_spares(const std::string& directory, uid_t uid) {
   return spares;
 }
 
+bool keep_as_spare(const std::string& lease_path, bool move) {
+  const std::string directory = lease_path.substr(0, lease_path.rfind('/'));
+  const int spares = open_spare_directory(directory, ::geteuid(), /*create=*/true);
+  if (spares < 0) return false;
+  const std::string name = new_spare_name();
+  const bool kept = move ? ::renameat2(AT_FDCWD, lease_path.c_str(), spares, name.c_str(), RENAME_NOREPLACE) == 0
+                         : ::linkat(AT_FDCWD, lease_path.c_str(), spares, name.c_str(), 0) == 0;
+  ::close(spares);
+  return kept;
+}
+
 namespace {
 
-// Opens and claims one spare: a regular file with no other name (not one serving as a lease, nor
-// one linked elsewhere), not claimed by another launch (flock), and still under that name, still
-// with no other, once locked: another launch may have claimed and published it (a `pick --hold`
-// lease is published unlocked) between our open and our lock. Not one of `excluded` (sorted; a
-// lease's own former inodes, see HeldLease::reassign, whatever the listing said). Then 0644. -1 if any of that fails. Nobody but
-// this user can make a name in the spare directory, so its files are this user's own.
+// Opens and claims one spare: a regular file of this user's with no other name (not one serving
+// as a lease, nor one linked elsewhere), not claimed by another launch (flock), and still under
+// that name, still with no other, once locked: another launch may have claimed and published it
+// (a `pick --hold` lease is published unlocked) between our open and our lock. Not one of
+// `excluded` (sorted; a lease's own former inodes, see HeldLease::reassign, whatever the listing
+// said). Then 0644. -1 if any of that fails. Nobody but this user (and root) can make a name in
+// the spare directory.
 int claim_spare(int spare_directory_fd, const std::string& name, const std::vector<ino_t>& excluded, std::size_t& size) {
   const int fd = ::openat(spare_directory_fd, name.c_str(), O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) return -1;
@@ -758,16 +771,11 @@ Result<void> HeldLease::reassign(pid_t holder_pid) {
   const bool known = ::fstat(fd_, &current) == 0;
   if (known) former_inodes_.push_back(current.st_ino);
   lease_internal::PreparedLeaseInode prepared(directory, /*or_tmpfile=*/false, former_inodes_);
-  std::string kept;  // the spare name given to the old inode here, if it had none
-  if (prepared.is_spare() && known && current.st_nlink == 1) {
-    const int spares = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
-    kept = lease_internal::spare_directory(directory, ::geteuid()) + "/" + lease_internal::new_spare_name();
-    if (spares < 0 || ::link(record_.path.c_str(), kept.c_str()) != 0) kept.clear();
-    if (spares >= 0) ::close(spares);
-  }
+  // The old inode given a spare name here, if it had none. Should the reassign fail after that,
+  // the lease is live under both names until released, and then a spare.
+  if (prepared.is_spare() && known && current.st_nlink == 1) lease_internal::keep_as_spare(record_.path, /*move=*/false);
   auto fd = lease_internal::write_lease_file(directory, next, /*lock_it=*/true, &prepared, /*replace=*/true);
   if (!fd) {
-    if (!kept.empty()) ::unlink(kept.c_str());
     return make_error(Errc::state, "cannot reassign lease " + record_.id + " to pid " + std::to_string(holder_pid) +
                                        ": " + fd.error().message + "; it still names pid " + std::to_string(record_.holder_pid));
   }
@@ -785,14 +793,7 @@ void HeldLease::release() {
     // directory.
     struct stat info {};
     const bool has_spare_name = fd_ >= 0 && ::fstat(fd_, &info) == 0 && info.st_nlink > 1;
-    bool moved = false;
-    if (!has_spare_name && fd_ >= 0) {
-      const std::string directory = record_.path.substr(0, record_.path.rfind('/'));
-      const int spares = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
-      moved = spares >= 0 && ::renameat2(AT_FDCWD, record_.path.c_str(), spares, lease_internal::new_spare_name().c_str(),
-                                         RENAME_NOREPLACE) == 0;
-      if (spares >= 0) ::close(spares);
-    }
+    const bool moved = !has_spare_name && fd_ >= 0 && lease_internal::keep_as_spare(record_.path, /*move=*/true);
     if (!moved) ::unlink(record_.path.c_str());
   }
   record_.path.clear();

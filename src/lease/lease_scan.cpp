@@ -169,13 +169,16 @@ bool LeaseScan::refresh(std::vector<std::string>* warnings, const Snapshot* publ
   ++generation_;
   charged_by_name_.clear();
   const std::string legacy_spares = legacy_spare_prefix(::geteuid());
+  int legacy_deletions = 0;
   std::vector<std::string> tags;
   while (const dirent* entry = ::readdir(dir)) {
     const std::string_view name = entry->d_name;
     if (name[0] == '.') {
-      // This user's spares as earlier versions kept them: deleted by the look before the lock
-      // (spares live in spare_directory now). Nobody can lock one, or hold it as a lease.
-      if (published_after == nullptr && name.substr(0, legacy_spares.size()) == legacy_spares) {
+      // This user's spares as earlier versions kept them (spares live in spare_directory now):
+      // deleted by the look before the lock, a few per look (another user can plant any number
+      // of such names, which the sticky bit keeps us from deleting). None is a lease's file.
+      if (published_after == nullptr && legacy_deletions < 8 && name.substr(0, legacy_spares.size()) == legacy_spares) {
+        ++legacy_deletions;
         ::unlinkat(::dirfd(dir), entry->d_name, 0);
       }
       continue;

@@ -51,7 +51,7 @@ thread_local pid_t self_facts_read_in = 0;  // the pid they were read in; 0: rea
 
 const SelfFacts& self_facts() {
   // A forked child reads its own, also where it got the pid of a process that has since exited
-  // (the forking thread's copy is all the child has). The handler only zeroes a plain int.
+  // (the forking thread's copy is all the child has). The handler only zeroes an int.
   static const bool forgotten_in_children = [] {
     return ::pthread_atfork(nullptr, nullptr, [] { self_facts_read_in = 0; }) == 0;
   }();
@@ -59,7 +59,7 @@ const SelfFacts& self_facts() {
   SelfFacts& facts = self_facts_of_this_thread;
   const pid_t pid = ::getpid();
   const uid_t uid = ::geteuid();
-  if (self_facts_read_in != pid || facts.pid != pid || facts.start_ticks == 0) {
+  if (self_facts_read_in != pid || facts.start_ticks == 0) {
     self_facts_read_in = pid;
     facts.pid = pid;
     facts.start_ticks = process_start_ticks(pid).value_or(0);

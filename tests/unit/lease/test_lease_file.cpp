@@ -534,6 +534,11 @@ std::vector<std::string> spares_in(const std::filesystem::path& directory) {
   if (!std::filesystem::is_directory(spare_directory_in(directory))) return {};
   return names_in(spare_directory_in(directory));
 }
+bool make_spare_directory(const std::filesystem::path& directory) {
+  const int spares = lease_internal::open_spare_directory(directory.string(), ::geteuid(), /*create=*/true);
+  if (spares >= 0) ::close(spares);
+  return spares >= 0;
+}
 nlink_t links_of(const std::filesystem::path& path) {
   struct stat info {};
   return ::stat(path.c_str(), &info) == 0 ? info.st_nlink : 0;
@@ -617,9 +622,7 @@ TEST_F(LedgerTest, ASpareFarLongerThanTheNewTextIsCutNotPaddedAndCommandsAreBoun
 
 TEST_F(LedgerTest, ASpareIsNeverTakenWhenLinkedElsewhereASymlinkOrClaimed) {
   const std::string directory = directory_.string();
-  const int spares = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
-  ASSERT_GE(spares, 0);
-  ::close(spares);
+  ASSERT_TRUE(make_spare_directory(directory_));
   const auto in_spares = spare_directory_in(directory_);
   // A file of this user's linked in (its other name elsewhere, as a spare serving as a lease has),
   // a symlink to one, and a spare another launch has claimed: none may be written.
@@ -644,11 +647,9 @@ TEST_F(LedgerTest, ASpareIsNeverTakenWhenLinkedElsewhereASymlinkOrClaimed) {
   EXPECT_EQ(text_of(in_spares / "claimed"), "x");
 }
 
-TEST_F(LedgerTest, AnInodeTheStateDirectoryListsAsALeaseIsNotEvenTriedAsASpare) {
+TEST_F(LedgerTest, AnInodeTheStateDirectoryListsAsALeaseIsNotTakenAsASpare) {
   const std::string directory = directory_.string();
-  const int spares = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
-  ASSERT_GE(spares, 0);
-  ::close(spares);
+  ASSERT_TRUE(make_spare_directory(directory_));
   const auto free_spare = spare_directory_in(directory_) / "free";
   std::ofstream(free_spare) << "{}";
   lease_internal::PreparedLeaseInode excluded(directory, /*or_tmpfile=*/false, {inode_of(free_spare)});
@@ -665,7 +666,6 @@ TEST_F(LedgerTest, SparesAreNotLeasesAndAnotherUsersSpareDirectoryIsNotTrusted) 
   ASSERT_TRUE(taken.ok() && taken->lease);
   taken->lease->release();
   EXPECT_TRUE(ledger.live_leases().empty());
-  EXPECT_TRUE(lease_internal::list_spares(directory_.string(), ::geteuid() + 1).empty());
   ASSERT_EQ(lease_internal::list_spares(directory_.string(), ::geteuid()).size(), 1u);
 
   const auto elsewhere = directory_ / "elsewhere";
@@ -756,6 +756,29 @@ TEST_F(LedgerTest, AReassignWithASpareMakesNoInodeAndKeepsTheOldOne) {
   EXPECT_EQ(spares_in(directory_).size(), 2u) << "released, the reassigned file is a spare again: no inode made or lost";
 }
 
+TEST_F(LedgerTest, AReassignGivesAnOldFileWithoutASpareNameOneSoNoInodeIsLost) {
+  // A lease whose file was made new (no spare then) has one name; a reassign that takes a spare
+  // keeps the old file as a spare, not deleted.
+  Ledger ledger(directory_.string());
+  ReserveRequest pending = request_of(2 * kGiB);
+  pending.holder_pending = true;
+  auto taken = reserve(ledger, pending, one_gpu());  // no spare yet: a new inode
+  ASSERT_TRUE(taken.ok() && taken->lease);
+  const ino_t old_inode = inode_of(taken->lease->record().path);
+  ASSERT_EQ(links_of(taken->lease->record().path), 1u);
+  const ino_t spare = leave_a_spare(ledger);
+  ASSERT_NE(spare, 0u);
+  ASSERT_TRUE(taken->lease->reassign(::getpid()).ok());
+  EXPECT_EQ(inode_of(taken->lease->record().path), spare) << "the reassigned file is the spare";
+  ASSERT_EQ(spares_in(directory_).size(), 1u);
+  const auto kept = spare_directory_in(directory_) / spares_in(directory_)[0];
+  EXPECT_EQ(inode_of(kept), old_inode) << "the old file is kept as a spare";
+  EXPECT_EQ(links_of(kept), 1u) << "a free one";
+  EXPECT_EQ(names_in(directory_).size(), 2u) << "the lease and the spare directory";
+  ASSERT_EQ(ledger.live_leases().size(), 1u);
+  EXPECT_EQ(ledger.live_leases()[0].holder_pid, ::getpid());
+}
+
 TEST_F(LedgerTest, SparesOfAnEarlierVersionInTheStateDirectoryAreDeletedOnSight) {
   const auto legacy = directory_ / (lease_internal::legacy_spare_prefix(::geteuid()) + "0a0b0c0d");
   const auto others = directory_ / (lease_internal::legacy_spare_prefix(::geteuid() + 1) + "0a0b0c0d");
@@ -790,7 +813,7 @@ TEST_F(LedgerTest, AReassignNeverTakesBackAnInodeItsLeaseHadBefore) {
 
 TEST_F(LedgerTest, AReleasedLeasesSpareIsReachableByNobodyElse) {
   Ledger ledger(directory_.string());
-  const ::mode_t old_umask = ::umask(0);
+  const ::mode_t old_umask = ::umask(0477);  // takes the owner's read bit (and leaves none to others)
   const ino_t spare = leave_a_spare(ledger);
   ::umask(old_umask);
   ASSERT_NE(spare, 0u);
@@ -824,9 +847,7 @@ TEST_F(LedgerTest, SparesServingAsLeasesDoNotCountTowardsTheMost) {
 
 TEST_F(LedgerTest, SparesPastTheMostAreDeleted) {
   const std::string directory = directory_.string();
-  const int spares = lease_internal::open_spare_directory(directory, ::geteuid(), /*create=*/true);
-  ASSERT_GE(spares, 0);
-  ::close(spares);
+  ASSERT_TRUE(make_spare_directory(directory_));
   for (std::size_t i = 0; i < lease_internal::kMostSpares + 3; ++i) {
     std::ofstream(spare_directory_in(directory_) / std::to_string(i)) << "{}";
   }
