@@ -1,5 +1,9 @@
 // The ledger against hand-made snapshots in a private state directory.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <poll.h>
+#include <sched.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -10,6 +14,7 @@
 
 #include "gpuslot/lease.hpp"
 #include "gpuslot/units.hpp"
+#include "lease/internal.hpp"
 #include "unit/lease/ledger_fixture.hpp"
 
 namespace gpuslot {
@@ -148,6 +153,76 @@ TEST_F(LedgerTest, AForkedChildsLeaseNamesTheChildNotTheParentItsFactsCameFrom) 
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child's lease named the child";
+}
+
+// In a pid namespace of its own (root only): P reads its holder facts and forks C; P exits; C forks
+// G with P's pid (ns_last_pid). G's lease must name G's start time, not P's, although G's pid is
+// the one the inherited copy was read in. Writes '1' (right), '0' (wrong), 's' (G did not get
+// pid 2) or 'u' (no namespaces here) to `report`.
+[[noreturn]] void pid_reuse_in_a_namespace(int report, const std::string& directory) {
+  // A mount namespace too, for a /proc of the new pid namespace (the facts are read from /proc).
+  const char unable = 'u';  // no namespaces here (a container's seccomp, say): the test is skipped
+  if (::unshare(CLONE_NEWPID | CLONE_NEWNS) != 0 || ::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
+    (void)::write(report, &unable, 1);
+    ::_exit(2);
+  }
+  const pid_t init = ::fork();  // pid 1 there: reaps whoever is orphaned, until all are gone
+  if (init != 0) ::_exit(init > 0 && ::waitpid(init, nullptr, 0) == init ? 0 : 2);
+  if (::mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr) != 0) {
+    (void)::write(report, &unable, 1);
+    ::_exit(2);
+  }
+  const pid_t p = ::fork();
+  if (p == 0) {  // pid 2
+    Ledger ledger(directory);  // reads the facts of pid 2
+    const pid_t c = ::fork();
+    if (c == 0) {  // pid 3; P exits meanwhile
+      while (::getppid() != 1) ::usleep(1000);
+      ::usleep(30000);  // G starts at least a clock tick after P did
+      int last = ::open("/proc/sys/kernel/ns_last_pid", O_WRONLY | O_CLOEXEC);
+      if (last < 0 || ::write(last, "1", 1) != 1) ::_exit(3);
+      ::close(last);
+      const pid_t g = ::fork();
+      if (g == 0) {
+        ReserveRequest request = request_of(1 * kGiB);
+        const LeaseRecord identity = lease_internal::holder_identity(request);
+        const bool right = ::getpid() == 2 && identity.holder_pid == 2 &&
+                           identity.holder_start_ticks == process_start_ticks(2).value_or(0);
+        const char said = ::getpid() != 2 ? 's' : right ? '1' : '0';
+        (void)::write(report, &said, 1);
+        ::_exit(0);
+      }
+      ::waitpid(g, nullptr, 0);
+      ::_exit(0);
+    }
+    ::_exit(0);
+  }
+  while (::wait(nullptr) > 0) {
+  }
+  ::_exit(0);
+}
+
+TEST_F(LedgerTest, AChildWithTheReusedPidOfAnExitedAncestorReadsItsOwnHolderFacts) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root: a pid namespace of its own and its ns_last_pid";
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+  const pid_t runner = ::fork();
+  ASSERT_GE(runner, 0);
+  if (runner == 0) {
+    ::close(pipe_fds[0]);
+    pid_reuse_in_a_namespace(pipe_fds[1], directory_.string());
+  }
+  ::close(pipe_fds[1]);
+  pollfd ready{pipe_fds[0], POLLIN, 0};
+  char said = 0;
+  const bool answered = ::poll(&ready, 1, 10000) == 1 && ::read(pipe_fds[0], &said, 1) == 1;
+  ::close(pipe_fds[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(runner, &status, 0), runner);
+  ASSERT_TRUE(answered) << "no answer from the namespace (exit status " << status << ")";
+  if (said == 'u') GTEST_SKIP() << "this machine refuses a pid and mount namespace of our own";
+  ASSERT_NE(said, 's') << "the grandchild did not get the reused pid 2";
+  EXPECT_EQ(said, '1') << "the grandchild's lease named its exited ancestor's start time";
 }
 
 TEST_F(LedgerTest, CorruptLeaseFileIsIgnoredWithAWarning) {
