@@ -127,7 +127,6 @@ bool keep_as_spare(const std::string& lease_path, bool move);
 // The names in `uid`'s spare directory (one readdir; -1 directory fd: none), but those of the
 // `excluded` inodes (sorted). Past kMostSpares of them, trim_spares deletes a few.
 std::vector<std::string> list_spares(int spare_directory_fd, const std::vector<ino_t>& excluded);
-std::vector<std::string> list_spares(const std::string& directory, uid_t uid);
 inline constexpr std::size_t kMostSpares = 256;
 void trim_spares(int spare_directory_fd, std::vector<std::string>& spares);
 // Where earlier versions kept a user's spares: ".spare-<uid>-<hex>" in the state directory

@@ -487,13 +487,6 @@ std::vector<std::string> list_spares(int spare_directory_fd, const std::vector<i
   return spares;
 }
 
-std::vector<std::string> list_spares(const std::string& directory, uid_t uid) {
-  const int fd = open_spare_directory(directory, uid, /*create=*/false);
-  auto spares = list_spares(fd, {});
-  if (fd >= 0) ::close(fd);
-  return spares;
-}
-
 bool keep_as_spare(const std::string& lease_path, bool move) {
   const std::string directory = lease_path.substr(0, lease_path.rfind('/'));
   const int spares = open_spare_directory(directory, ::geteuid(), /*create=*/true);

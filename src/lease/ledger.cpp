@@ -40,7 +40,6 @@ std::optional<std::string> lease_file_of(const std::string& directory, const std
 // read /proc and /etc/passwd between its snapshot and its decision. Thread-local: nothing to lock,
 // also in a child forked while another thread was here.
 struct SelfFacts {
-  pid_t pid = 0;
   uid_t uid = 0;
   unsigned long long start_ticks = 0;
   std::string user;
@@ -61,7 +60,6 @@ const SelfFacts& self_facts() {
   const uid_t uid = ::geteuid();
   if (self_facts_read_in != pid || facts.start_ticks == 0) {
     self_facts_read_in = pid;
-    facts.pid = pid;
     facts.start_ticks = process_start_ticks(pid).value_or(0);
   }
   if (facts.user.empty() || facts.uid != uid) {
@@ -194,10 +192,11 @@ LeaseRecord holder_identity(const ReserveRequest& request) {
   LeaseRecord record;
   record.id = new_lease_id();  // random bytes: drawn here rather than under the lock
   const SelfFacts& self = self_facts();
+  const pid_t self_pid = self_facts_read_in;  // this process, as self_facts() just checked
   if (!request.holder_pending) {
-    record.holder_pid = request.owner_pid > 0 ? request.owner_pid : self.pid;
+    record.holder_pid = request.owner_pid > 0 ? request.owner_pid : self_pid;
     record.holder_start_ticks =
-        record.holder_pid == self.pid ? self.start_ticks : process_start_ticks(record.holder_pid).value_or(0);
+        record.holder_pid == self_pid ? self.start_ticks : process_start_ticks(record.holder_pid).value_or(0);
   }
   record.uid = self.uid;
   record.user = self.user;

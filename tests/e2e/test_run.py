@@ -267,6 +267,21 @@ def test_waiters_are_served_first_come_first_served(gpuslot, spawn, host, tmp_pa
     assert read_text(order).split() == ["A", "B", "C"]
 
 
+def queue_big_then_small(spawn, gpuslot_path, host_path, order, small_env=None):
+    """Queues a 10G waiter, then a 1G one (with `small_env`). Each appends its name to `order` when
+    it runs. Once the room frees both fit, so the order their commands print in is a race; what
+    must hold is that the small one starts only after the big one's lease exists, so the small
+    one's command records itself only if that lease is listed."""
+    big = spawn("run", "--mem", "10G", "--wait", "--", "sh", "-c", 'echo big >> "$ORDER"; sleep 1', host=host_path,
+                env={"ORDER": order})
+    wait_waiting(big)
+    small = spawn("run", "--mem", "1G", "--wait", "--", "sh", "-c",
+                  '"$GPUSLOT" leases --json | grep -q \'"reserved": 10737418240\' && echo small >> "$ORDER"',
+                  host=host_path, env={"ORDER": order, "GPUSLOT": str(gpuslot_path), **(small_env or {})})
+    wait_waiting(small)
+    return big, small
+
+
 def test_a_small_request_does_not_overtake_an_earlier_waiter(gpuslot, gpuslot_path, spawn, host, tmp_path):
     """3.76 GiB are free beside a 20G holder: a 1G waiter would fit now, but a 10G waiter came
     first, so the 1G one waits behind it (a big request is never starved by small ones)."""
@@ -275,15 +290,7 @@ def test_a_small_request_does_not_overtake_an_earlier_waiter(gpuslot, gpuslot_pa
     spawn("run", "--mem", "20G", "--", "sh", "-c", 'while [ ! -e "$GO" ]; do sleep 0.02; done', host=host_path,
           env={"GO": go})
     wait_for_leases(gpuslot, host_path, 1)
-    big = spawn("run", "--mem", "10G", "--wait", "--", "sh", "-c", 'echo big >> "$ORDER"; sleep 1', host=host_path,
-                env={"ORDER": order})
-    wait_waiting(big)
-    # Once the room frees both fit, so their commands may print in either order; what must hold is
-    # that the small one starts only after the big one's lease exists.
-    small = spawn("run", "--mem", "1G", "--wait", "--", "sh", "-c",
-                  '"$GPUSLOT" leases --json | grep -q \'"reserved": 10737418240\' && echo small >> "$ORDER"',
-                  host=host_path, env={"ORDER": order, "GPUSLOT": str(gpuslot_path)})
-    wait_waiting(small)
+    big, small = queue_big_then_small(spawn, gpuslot_path, host_path, order)
     time.sleep(0.5)
     assert read_text(order) == ""
     go.touch()
@@ -316,15 +323,7 @@ def test_a_waiter_does_not_take_a_gpu_an_earlier_waiter_could_use(gpuslot, gpusl
     spawn("run", "--mem", "20G", "--gpus", "4", "--", "sh", "-c", 'while [ ! -e "$GO" ]; do sleep 0.02; done',
           host=host_path, env={"GO": go})
     wait_for_leases(gpuslot, host_path, 1)
-    big = spawn("run", "--mem", "10G", "--wait", "--", "sh", "-c", 'echo big >> "$ORDER"; sleep 1', host=host_path,
-                env={"ORDER": order})
-    wait_waiting(big)
-    # Once the room frees both fit, so their commands may print in either order; what must hold is
-    # that the small one starts only after the big one's lease exists.
-    small = spawn("run", "--mem", "1G", "--wait", "--", "sh", "-c",
-                  '"$GPUSLOT" leases --json | grep -q \'"reserved": 10737418240\' && echo small >> "$ORDER"',
-                  host=host_path, env={"ORDER": order, "CUDA_VISIBLE_DEVICES": "2", "GPUSLOT": str(gpuslot_path)})
-    wait_waiting(small)
+    big, small = queue_big_then_small(spawn, gpuslot_path, host_path, order, small_env={"CUDA_VISIBLE_DEVICES": "2"})
     assert "1 launch ahead" in small.stderr_text()
     time.sleep(1)
     assert not order.exists(), read_text(order)
